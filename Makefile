@@ -1,0 +1,74 @@
+# The README's two commands are `make book` (the main job) and `make test` (everything CI checks).
+# Both start from a fresh clone: they create .venv, install torch (CPU wheel) then the project, and get the data.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := book
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# torch first, so that the project's range (torch>=2.1,<3) is already met and pip pulls no other build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.vaelib-installed
+# Chapters to re-execute with `make notebooks` (stems); default all.
+NB ?= $(basename $(notdir $(wildcard notebooks/*.md)))
+# This machine's pip configuration prints one warning per package about absent local indexes: drop those lines.
+QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
+export MPLBACKEND := Agg
+
+.PHONY: book test notebooks data venv lint pairs unit nbval book-strict benchmark scrub clean
+
+## book: build the site into book/_build/html from the stored notebook outputs (the main job)
+book: venv data
+	$(BIN)/jupyter-book build book
+
+## test: lint, pair check, unit tests, nbval over every chapter in quick mode, strict book build
+test: venv data lint pairs unit nbval book-strict
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install --quiet -e ".[book]" 2>&1 | $(QUIET_PIP)
+	touch $@
+
+## data: find Fashion-MNIST; as root with apt, install Debian's dataset-fashion-mnist; else say how to get it
+data: venv
+	@bash scripts/ensure-data.sh $(PY)
+
+lint: venv
+	$(BIN)/ruff check vaelib tests benchmarks
+
+## pairs: each notebooks/*.md and its book/chapters/*.ipynb have the same cells (read with jupytext)
+pairs: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_chapters.py
+
+unit: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_chapters.py
+
+nbval: venv
+	VAELIB_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  --sanitize-with tests/nbval_sanitize.cfg book/chapters
+
+book-strict: venv
+	$(BIN)/jupyter-book build book -W -n --keep-going
+
+## notebooks: sync each .md into its .ipynb and re-execute in FULL mode (regenerates stored outputs). NB=stem for one.
+notebooks: venv data
+	for nb in $(NB); do \
+	  $(BIN)/jupytext --sync notebooks/$$nb.md; \
+	  env -u VAELIB_QUICK $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=3600 book/chapters/$$nb.ipynb; \
+	done
+
+## benchmark: training-speed benchmark on this machine; writes benchmarks/results/<device>.json
+benchmark: venv data
+	$(PY) benchmarks/train_speed.py
+
+## scrub: strip outputs from the stored notebooks (e.g. before a review of input-only changes)
+scrub: venv
+	$(BIN)/jupyter nbconvert --clear-output --inplace book/chapters/*.ipynb
+
+clean:
+	rm -rf book/_build .pytest_cache

@@ -1,0 +1,265 @@
+"""MNIST-format data, offline first.
+
+The four IDX files of MNIST or Fashion-MNIST are looked for, in order, in
+  1. an explicit ``root=`` folder,
+  2. the folder named by ``$VAELIB_DATA``,
+  3. ``/usr/share/datasets/<name>`` (Debian: ``apt-get install dataset-fashion-mnist``),
+  4. ``~/.cache/vaelib/<name>`` (where ``download=True`` puts them) and ``./data``,
+each also in torchvision's layouts (``<folder>/<name>``, ``<folder>/FashionMNIST/raw``, ``<folder>/MNIST/raw``).
+Files may be gzipped or raw. Their decompressed bytes are checked against the MD5 sums published with the
+data sets, so a recompressed copy (Debian's) verifies and a truncated or altered one does not.
+Nothing is downloaded unless asked for, and then only through torchvision.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DATA_ENV = "VAELIB_DATA"
+SPLITS = ("train", "test")
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# MD5 of the *decompressed* IDX files, as published with each data set.
+_MD5 = {
+    "mnist": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+_TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_APT_PACKAGE = {"fashion-mnist": "dataset-fashion-mnist"}
+CLASS_NAMES = {
+    "mnist": tuple(str(i) for i in range(10)),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+}
+DATASETS = tuple(_MD5)
+# IDX type code 0x08 = unsigned byte; the last byte of the magic number is the number of dimensions.
+_IDX_UBYTE = 0x08
+
+
+class DataError(Exception):
+    """Base class for every data problem vaelib reports."""
+
+
+class UnknownDatasetError(DataError, ValueError):
+    """A data-set name vaelib does not know."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """The IDX files are in none of the searched folders."""
+
+
+class CorruptDataError(DataError):
+    """A file exists but is truncated, has a wrong magic number or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: images (N, 28, 28) uint8 or (N, 784) float, and labels (N,) int64."""
+
+    images: Tensor
+    labels: Tensor
+    name: str
+    split: str
+    source: Path
+
+
+def canonical_name(name: str) -> str:
+    """'fashion_mnist', 'FashionMNIST' and 'fashion-mnist' all mean 'fashion-mnist'."""
+    key = name.strip().lower().replace("_", "-")
+    key = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}.get(key, key)
+    if key not in _MD5:
+        raise UnknownDatasetError(f"unknown data set {name!r}; vaelib knows {', '.join(DATASETS)}")
+    return key
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vaelib"
+
+
+def search_path(name: str, root: str | os.PathLike | None = None) -> list[Path]:
+    """The folders searched for ``name``'s files, in order (see the module docstring)."""
+    name = canonical_name(name)
+    bases: list[Path] = []
+    if root is not None:
+        bases.append(Path(root))
+    if os.environ.get(DATA_ENV):
+        bases.append(Path(os.environ[DATA_ENV]))
+    bases += [Path("/usr/share/datasets"), default_cache_dir(), Path("data")]
+    folders: list[Path] = []
+    for base in bases:
+        for sub in ("", name, f"{_TORCHVISION_DIR[name]}/raw"):
+            folder = (base / sub) if sub else base
+            if folder not in folders:
+                folders.append(folder)
+    return folders
+
+
+def _file_in(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_dataset(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The first folder on the search path that holds all four IDX files of ``name``."""
+    name = canonical_name(name)
+    stems = [s for pair in _FILES.values() for s in pair]
+    searched = search_path(name, root)
+    for folder in searched:
+        if all(_file_in(folder, s) for s in stems):
+            return folder
+    raise DataNotFoundError(_missing_message(name, searched))
+
+
+def _missing_message(name: str, searched: list[Path]) -> str:
+    how = [f"set ${DATA_ENV} to a folder holding the four IDX files (.gz or raw)"]
+    if name in _APT_PACKAGE:
+        how.insert(0, f"install Debian's package: sudo apt-get install {_APT_PACKAGE[name]}")
+    how.append(f"or, with a network, load_split({name!r}, download=True) / "
+               f"`python -m vaelib data {name} --download` (needs torchvision)")
+    shown = ", ".join(str(p) for p in searched[:6]) + (", ..." if len(searched) > 6 else "")
+    return f"{name} data not found (searched {shown}). To get it: " + "; ".join(how) + "."
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:  # truncated or not gzip at all
+        raise CorruptDataError(f"{path}: cannot be read ({err}); the file is truncated or corrupt") from err
+
+
+def parse_idx(raw: bytes, source: str | os.PathLike = "<bytes>") -> np.ndarray:
+    """Decode an IDX byte string (unsigned-byte data only) into an array of its declared shape."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE:
+        magic = raw[:4].hex() if len(raw) >= 4 else raw.hex()
+        raise CorruptDataError(f"{source}: wrong magic number 0x{magic} (expected 0x000008NN, unsigned-byte IDX)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise CorruptDataError(f"{source}: IDX header is truncated or declares {ndim} dimensions")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape))
+    if len(raw) - header != expected:
+        raise CorruptDataError(
+            f"{source}: header declares shape {shape} ({expected} bytes) but the file holds {len(raw) - header}"
+            " bytes of data; it is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx(path: str | os.PathLike, md5: str | None = None) -> np.ndarray:
+    """Read one IDX file (.gz or raw); with ``md5``, check its decompressed bytes first."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    if md5 is not None:
+        got = hashlib.md5(raw).hexdigest()
+        if got != md5:
+            raise CorruptDataError(
+                f"{path}: checksum mismatch (md5 of the decompressed bytes is {got}, expected {md5}); "
+                "the file is corrupt or belongs to another data set. Delete it and get the data again.")
+    return parse_idx(raw, path)
+
+
+def dynamic_binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Sample each pixel as Bernoulli(intensity): the binarisation of Burda et al. (2015), redrawn per use."""
+    return torch.bernoulli(x, generator=generator)
+
+
+def load_split(
+    name: str = "fashion-mnist",
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    *,
+    dtype: str = "float",
+    flatten: bool = True,
+    binarize: str | None = None,
+    seed: int = 0,
+    download: bool = False,
+    verify: bool = True,
+) -> Split:
+    """Load one split of MNIST or Fashion-MNIST.
+
+    dtype "float" gives intensities in [0, 1] (float32), "uint8" the raw bytes. ``binarize`` may be
+    "dynamic" (one Bernoulli draw with ``seed``; see :func:`dynamic_binarize` to redraw) or "threshold" (> 0.5).
+    """
+    name = canonical_name(name)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if dtype not in ("float", "uint8"):
+        raise ValueError(f"dtype must be 'float' or 'uint8', got {dtype!r}")
+    if binarize not in (None, "dynamic", "threshold"):
+        raise ValueError(f"binarize must be None, 'dynamic' or 'threshold', got {binarize!r}")
+    if binarize is not None and dtype == "uint8":
+        raise ValueError("binarize needs dtype='float'")
+    try:
+        folder = find_dataset(name, root)
+    except DataNotFoundError:
+        if not download:
+            raise
+        folder = download_dataset(name)
+    image_stem, label_stem = _FILES[split]
+    sums = _MD5[name] if verify else {}
+    images = read_idx(_file_in(folder, image_stem), sums.get(image_stem))
+    labels = read_idx(_file_in(folder, label_stem), sums.get(label_stem))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise CorruptDataError(f"{folder}: images {images.shape} and labels {labels.shape} do not match")
+    x = torch.from_numpy(images.copy())
+    if dtype == "float":
+        x = x.to(torch.float32).div_(255.0)
+    if flatten:
+        x = x.reshape(len(x), -1)
+    if binarize == "dynamic":
+        x = dynamic_binarize(x, torch.Generator().manual_seed(seed))
+    elif binarize == "threshold":
+        x = (x > 0.5).to(x.dtype)
+    return Split(x, torch.from_numpy(labels.astype(np.int64)), name, split, folder)
+
+
+def download_dataset(name: str, root: str | os.PathLike | None = None) -> Path:
+    """Download through torchvision into ``root`` (default ``~/.cache/vaelib``); return the folder."""
+    name = canonical_name(name)
+    target = Path(root) if root is not None else default_cache_dir()
+    try:
+        import torchvision.datasets as tvd  # optional: only needed to download
+    except Exception as err:  # ImportError, or torchvision built against another torch
+        raise DataNotFoundError(
+            f"cannot download {name}: torchvision is not importable ({err}). "
+            + _missing_message(name, search_path(name, root))) from err
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}[name]
+    try:
+        for train in (True, False):
+            cls(str(target), train=train, download=True)
+    except Exception as err:  # no network, host down, ...
+        raise DataNotFoundError(f"download of {name} failed ({err}). " + _missing_message(
+            name, search_path(name, root))) from err
+    return find_dataset(name, target)
+
+
+__all__ = [
+    "CLASS_NAMES", "DATASETS", "DATA_ENV", "CorruptDataError", "DataError", "DataNotFoundError", "Split",
+    "UnknownDatasetError", "canonical_name", "download_dataset", "dynamic_binarize", "find_dataset",
+    "load_split", "parse_idx", "read_idx", "search_path",
+]
