@@ -43,7 +43,7 @@ def test_pair_has_the_same_cells(stem):
     assert md.exists(), f"{nb.name} has no MyST twin notebooks/{md.name}"
     assert nb.exists(), f"{md.name} has no executed twin book/chapters/{nb.name}: run `make notebooks NB={stem}`"
     md_cells, nb_cells = cells(md), cells(nb)
-    for i, (a, b) in enumerate(zip(md_cells, nb_cells)):
+    for i, (a, b) in enumerate(zip(md_cells, nb_cells, strict=False)):  # lengths compared below
         assert a == b, (f"{stem}: cell {i} differs between the .md and the .ipynb; edit the .md, then "
                         f"`make notebooks NB={stem}`.\n--- md ---\n{a[1][:400]}\n--- ipynb ---\n{b[1][:400]}")
     assert len(md_cells) == len(nb_cells), f"{stem}: {len(md_cells)} cells in the .md, {len(nb_cells)} in the .ipynb"

@@ -37,7 +37,7 @@ def write_fake_dataset(folder: Path, n: int = 6, gz: bool = True) -> dict[str, b
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     written = {}
-    for split, (img, lab) in STEMS.items():
+    for img, lab in STEMS.values():
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n, dtype=np.uint8)
         for stem, arr in ((img, images), (lab, labels)):
