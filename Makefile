@@ -58,17 +58,16 @@ book-strict: venv
 notebooks: venv data
 	for nb in $(NB); do \
 	  $(BIN)/jupytext --sync notebooks/$$nb.md; \
-	  env -u VAELIB_QUICK $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.timeout=3600 book/chapters/$$nb.ipynb; \
+	  env -u VAELIB_QUICK $(BIN)/jupyter execute --inplace --timeout=3600 book/chapters/$$nb.ipynb; \
 	done
 
 ## benchmark: training-speed benchmark on this machine; writes benchmarks/results/<device>.json
 benchmark: venv data
 	$(PY) benchmarks/train_speed.py
 
-## scrub: strip outputs from the stored notebooks (e.g. before a review of input-only changes)
+## scrub: regenerate the stored notebooks from their .md twins without outputs (NB=stem for one)
 scrub: venv
-	$(BIN)/jupyter nbconvert --clear-output --inplace book/chapters/*.ipynb
+	for nb in $(NB); do $(BIN)/jupytext --quiet --to ipynb --output book/chapters/$$nb.ipynb notebooks/$$nb.md; done
 
 clean:
 	rm -rf book/_build .pytest_cache
