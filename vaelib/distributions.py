@@ -44,14 +44,15 @@ def _log_continuous_bernoulli_norm(logits: Tensor) -> Tensor:
     C = 2 artanh(1 - 2 lambda) / (1 - 2 lambda) = logits / (2 lambda - 1) (since logit = 2 artanh(2 lambda - 1)),
     with the limit C = 2 at lambda = 1/2; near there a Taylor expansion avoids 0/0.
     """
-    lam = torch.sigmoid(logits)
     near_half = (logits.abs() < 1e-2)
     safe_logits = torch.where(near_half, torch.ones_like(logits), logits)
-    safe_lam = torch.sigmoid(safe_logits)
-    exact = torch.log(safe_logits / (2.0 * safe_lam - 1.0))
-    # log C around lambda = 1/2: log 2 + (4/3) d^2 with d = lambda - 1/2 (second-order Taylor term).
-    d = lam - 0.5
-    taylor = math.log(2.0) + (4.0 / 3.0) * d.pow(2)
+    # 2 lambda - 1 = tanh(logits / 2); tanh avoids the cancellation of forming 2 sigmoid - 1, which cost
+    # ~1e-5 of absolute accuracy in float32 just outside the Taylor region.
+    exact = torch.log(safe_logits / torch.tanh(0.5 * safe_logits))
+    # log C around lambda = 1/2 (logit 0): log 2 + l^2/12 - 7 l^4/1440 + O(l^6). Up to |l| = 1e-2 the
+    # omitted term is < 1e-16; the second-order term alone left errors of ~1e-10.
+    sq = logits.pow(2)
+    taylor = math.log(2.0) + sq / 12.0 - 7.0 * sq.pow(2) / 1440.0
     return torch.where(near_half, taylor, exact)
 
 

@@ -1,0 +1,296 @@
+"""fit: learning, history, checkpoints, bit-for-bit resume, NaN detection, interrupts, bad inputs, CUDA graphs."""
+
+import contextlib
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import vaelib.training as training
+from vaelib.models import build_vae
+from vaelib.training import (
+    CHECKPOINT_NAME,
+    RunNotFoundError,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    fit,
+    load_checkpoint,
+    load_run,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"latent_dim": 2, "hidden": (16,), **kw}
+    return build_vae(**kw)
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(4, 784, generator=g)
+    x = (protos[torch.randint(0, 4, (192,), generator=g)] * 0.8 + 0.2 * torch.rand(192, 784, generator=g))
+    return x[:160], x[160:]
+
+
+def without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def assert_same_params(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.rand(8, 784))
+    model = tiny_model(hidden=(64,))
+    result = fit(model, x, epochs=150, batch_size=8, lr=3e-3, progress=False, device="cpu")
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.device == torch.device("cpu") and result.fast == "eager"
+    assert len(result.seconds_per_epoch) == 150
+
+
+def test_history_files_and_checkpoint(tmp_path, data):
+    train, test = data
+    result = fit(tiny_model(), train, test, epochs=3, batch_size=32, warmup_epochs=2, beta=2.0, out_dir=tmp_path,
+                 progress=False)
+    keys = {"epoch", "train_loss", "train_rec", "train_kl", "test_elbo", "test_rec", "test_kl", "beta", "seconds"}
+    assert [set(r) for r in result.history] == [keys] * 3
+    assert [r["beta"] for r in result.history] == [0.0, 1.0, 2.0]
+    row = result.history[-1]
+    assert row["train_loss"] == pytest.approx(-(row["train_rec"] - 2.0 * row["train_kl"]))
+    assert json.loads((tmp_path / "history.json").read_text()) == result.history
+    assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss")
+    ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["model_config"]["latent_dim"] == 2
+    assert not list(tmp_path.glob(".*.tmp"))  # no temp files left behind
+    run = load_run(tmp_path)
+    assert_same_params(run.model, result.model)
+    assert run.epoch == 3 and run.history == result.history
+
+
+def test_resume_is_bit_for_bit(tmp_path, data):
+    train, test = data
+    kw = dict(batch_size=48, warmup_epochs=2, binarize=True, progress=False, seed=3)
+    straight = fit(tiny_model(1), train, test, epochs=4, out_dir=tmp_path / "a", **kw)
+    fit(tiny_model(1), train, test, epochs=2, out_dir=tmp_path / "b", **kw)
+    # A fresh, differently initialised model: everything must come from the checkpoint.
+    resumed = fit(tiny_model(99), train, test, epochs=4, out_dir=tmp_path / "b", resume=True, **kw)
+    assert resumed.resumed_from == 2
+    assert_same_params(straight.model, resumed.model)
+    assert without_seconds(straight.history) == without_seconds(resumed.history)
+
+
+def test_interrupt_saves_resumable_checkpoint(tmp_path, data, monkeypatch):
+    train, _ = data
+    kw = dict(batch_size=32, progress=False, checkpoint_every=3)
+    straight = fit(tiny_model(), train, epochs=3, **kw)
+
+    real = training._EagerStepper.run_epoch
+    calls = {"n": 0}
+
+    def interrupted(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(training._EagerStepper, "run_epoch", interrupted)
+    with pytest.raises(TrainingInterrupted, match="resume") as info:
+        fit(tiny_model(), train, epochs=3, out_dir=tmp_path, **kw)
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert info.value.epoch == 1 and load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 1
+    monkeypatch.setattr(training._EagerStepper, "run_epoch", real)
+    resumed = fit(tiny_model(5), train, epochs=3, out_dir=tmp_path, resume=True, **kw)
+    assert_same_params(straight.model, resumed.model)
+    assert without_seconds(straight.history) == without_seconds(resumed.history)
+
+
+class NaNAfter(nn.Module):
+    """Wraps a decoder network and returns NaN from its ``after``-th call on."""
+
+    def __init__(self, net, after):
+        super().__init__()
+        self.net, self.after, self.calls = net, after, 0
+
+    def forward(self, z):
+        self.calls += 1
+        out = self.net(z)
+        return out * float("nan") if self.calls >= self.after else out
+
+
+def test_nan_stops_with_epoch_and_step_and_keeps_last_good(tmp_path, data):
+    train, _ = data  # 160 examples, batch 32: 5 steps per epoch, one decoder call per step
+    model = tiny_model()
+    model.decoder.net = NaNAfter(model.decoder.net, after=8)  # epoch 2, step 3
+    with pytest.raises(TrainingDivergedError, match=r"epoch 2, step 3 of 5") as info:
+        fit(model, train, epochs=4, batch_size=32, out_dir=tmp_path, progress=False)
+    assert info.value.epoch == 2 and info.value.step == 3 and len(info.value.history) == 1
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert ckpt["epoch"] == 1
+    for k, v in model.state_dict().items():  # restored to the end of epoch 1, which is the checkpoint
+        assert torch.isfinite(v).all() and torch.equal(v, ckpt["model_state"][k]), k
+
+
+def test_custom_linear_model_on_real_valued_data():
+    torch.manual_seed(0)
+    w = torch.randn(10, 2)
+    x = torch.randn(300, 2) @ w.T * 3 + 5 + 0.1 * torch.randn(300, 10)  # far outside [0, 1]
+    model = build_vae("linear", input_dim=10, latent_dim=2, sigma=3.0)
+    result = fit(model, x, epochs=30, batch_size=64, lr=1e-2, progress=False)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert model.decoder.likelihood.sigma.item() != pytest.approx(3.0)  # the global sigma is learned
+
+
+def test_bad_inputs_to_fit(tmp_path, data):
+    train, _ = data
+    model = tiny_model()
+    with pytest.raises(TypeError, match=r"\(batch, 784\).*uint8"):
+        fit(model, (train * 255).to(torch.uint8), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"\(batch, 784\).*flatten"):
+        fit(model, train.reshape(-1, 28, 28), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"test_x must have shape \(batch, 784\)"):
+        fit(model, train, train[:, :10], epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fit(model, train * 3, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        fit(model, train.clone().fill_(float("nan")), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        fit(model, train, epochs=-1)
+    with pytest.raises(ValueError, match="fast"):
+        fit(model, train, epochs=1, fast="warp")
+    with pytest.raises(ValueError, match="out_dir"):
+        fit(model, train, epochs=1, resume=True)
+    with pytest.raises(RunNotFoundError, match="does not exist"):
+        fit(model, train, epochs=1, resume=True, out_dir=tmp_path / "missing")
+    with pytest.raises(RunNotFoundError):
+        load_run(tmp_path / "missing")
+    with pytest.raises(TypeError, match="VAE-like"):
+        fit(nn.Linear(3, 3), train, epochs=1)
+
+
+def test_graph_request_on_cpu_falls_back_to_eager(data):
+    train, _ = data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit(tiny_model(), train[:64], epochs=1, fast="graph", device="cpu", progress=False)
+    assert result.fast == "eager" and any("CUDA" in str(w.message) for w in caught)
+
+
+def test_resume_refuses_other_settings(tmp_path, data):
+    train, _ = data
+    fit(tiny_model(), train, epochs=1, batch_size=32, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(tiny_model(), train, epochs=2, batch_size=16, out_dir=tmp_path, resume=True, progress=False)
+
+
+class _GraphLogicOnCPU(training._GraphStepper):
+    """The CUDA-graph stepper with the CUDA calls replaced: "replay" runs the recorded body again (zeroing the
+    grads first, as a replay overwrites them) and the warm-up leaves the RNG alone."""
+
+    @contextlib.contextmanager
+    def _warmup_stream(self):
+        with torch.random.fork_rng():
+            yield
+
+    def _record(self):
+        def replay():
+            self.opt.zero_grad(set_to_none=True)
+            self._graph_body()
+        return replay
+
+    def _synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("n", [160, 150, 20])  # 5 full batches; 4 + a partial one; fewer than one batch
+def test_graph_step_logic_matches_eager_on_cpu(data, n):
+    """Batch gathering from the device-side permutation, the step counter, accumulation, NaN bookkeeping, the
+    eager remainder and the undoing of the warm-up: bit-identical to the eager loop."""
+    train = data[0][:n]
+    perm_gen = torch.Generator().manual_seed(1)
+    perms = [torch.randperm(n, generator=perm_gen) for _ in range(2)]
+    out = {}
+    for kind in ("eager", "graph"):
+        model = tiny_model()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        dev = torch.device("cpu")
+        if kind == "eager":
+            stepper = training._EagerStepper(model, opt, "analytic", 32, dev)
+        else:
+            stepper = _GraphLogicOnCPU(model, opt, "analytic", 32, dev, train.clone())
+        torch.manual_seed(7)
+        sums = [tuple(t.clone() for t in stepper.run_epoch(train, p, 0.5)) for p in perms]
+        out[kind] = (sums, torch.cat([p.detach().flatten() for p in model.parameters()]))
+    for (acc_e, bad_e), (acc_g, bad_g) in zip(out["eager"][0], out["graph"][0], strict=True):
+        assert torch.equal(acc_e, acc_g) and bad_e.item() == bad_g.item() == -1
+    assert torch.equal(out["eager"][1], out["graph"][1])
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+def _trajectory(fast, train, test, epochs=8):
+    model = tiny_model(hidden=(64,), latent_dim=4)
+    result = fit(model, train, test, epochs=epochs, batch_size=32, fast=fast, device="cuda", progress=False,
+                 binarize=True)
+    return result
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("fast", ["graph", "graph-compile"])
+def test_cuda_graph_matches_eager_trajectory(data, fast):
+    train, test = data
+    eager = _trajectory("eager", train, test)
+    graph = _trajectory(fast, train, test)
+    assert graph.fast == fast and eager.fast == "eager"
+    for a, b in zip(eager.history, graph.history, strict=True):
+        # Different noise draws (the graph consumes the RNG differently): agree to Monte-Carlo accuracy.
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.02), (a, b)
+        assert b["test_elbo"] == pytest.approx(a["test_elbo"], rel=0.02), (a, b)
+    assert graph.history[-1]["train_loss"] < graph.history[0]["train_loss"]
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_equals_eager_without_noise(data):
+    """With z = mu (no sampling noise) and TF32 off, the replayed graph and the eager loop make the same updates
+    up to floating-point reassociation: the warm-up before capture is undone and no step is lost or doubled."""
+    train, _ = data
+    params = {}
+    for fast in ("eager", "graph"):
+        model = tiny_model(hidden=(64,), latent_dim=4)
+        model.encoder.reparameterize = lambda mu, log_var, n=None: mu  # deterministic z
+        result = fit(model, train[:150], epochs=3, batch_size=32, fast=fast, device="cuda", progress=False,
+                     tf32=False)  # 150 = 4 full batches (graph) + a partial one (eager) per epoch
+        assert result.fast == fast
+        params[fast] = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+    diff = (params["graph"] - params["eager"]).abs()
+    assert diff.max() < 1e-3 and diff.mean() < 1e-5, (diff.max(), diff.mean())
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_nan_detection_and_resume_from_cpu(tmp_path, data):
+    train, _ = data
+    fit(tiny_model(), train, epochs=1, batch_size=32, device="cpu", out_dir=tmp_path, progress=False)
+    resumed = fit(tiny_model(), train, epochs=2, batch_size=32, device="cuda", fast="graph", out_dir=tmp_path,
+                  resume=True, progress=False)
+    assert resumed.fast == "graph" and len(resumed.history) == 2
+
+    def poison(row, model):  # after epoch 1, a NaN weight: the first replay of epoch 2 must be flagged
+        if row["epoch"] == 1:
+            with torch.no_grad():
+                model.decoder.net[0].weight[0, 0] = float("nan")
+
+    with pytest.raises(TrainingDivergedError, match=r"epoch 2, step 1 of 5"):
+        fit(tiny_model(), train, epochs=3, batch_size=32, device="cuda", fast="graph", progress=False,
+            callback=poison)

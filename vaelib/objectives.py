@@ -1,0 +1,104 @@
+"""Training objectives: the ELBO (analytic or Monte-Carlo KL, beta weight, warm-up) and the IWAE bound.
+
+All functions return one value per example; reduce with ``.mean()`` (or :meth:`ElboTerms.loss`).
+A model is anything with ``encoder(x) -> (mu, log_var)``, ``encoder.reparameterize``, ``encoder.log_prob``,
+``decoder.log_prob(x, z)`` and ``prior.log_prob(z)`` (plus ``prior.kl(mu, log_var)`` for the analytic KL),
+e.g. :class:`vaelib.models.VAE`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vaelib.distributions import log_normal_diag
+
+KL_ESTIMATORS = ("analytic", "mc")
+
+
+@dataclass
+class ElboTerms:
+    """Per-example ELBO pieces: ``elbo = rec - kl``; ``rec`` = one-sample estimate of E_q[log p(x|z)]."""
+
+    elbo: Tensor
+    rec: Tensor
+    kl: Tensor
+    beta: float | Tensor = 1.0
+
+    def loss(self, beta: float | Tensor | None = None) -> Tensor:
+        """The minimised scalar: mean over the batch of -(rec - beta * kl)."""
+        b = self.beta if beta is None else beta
+        return -(self.rec - b * self.kl).mean()
+
+    def summary(self) -> dict[str, float]:
+        """Batch means as Python floats."""
+        return {"elbo": self.elbo.mean().item(), "rec": self.rec.mean().item(), "kl": self.kl.mean().item()}
+
+
+def elbo(model, x: Tensor, beta: float | Tensor = 1.0, kl: str = "analytic", n_samples: int = 1) -> ElboTerms:
+    """ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) per example, with reparameterised samples.
+
+    kl="analytic" uses the prior's closed form (Kingma & Welling 2013, Appendix B); kl="mc" estimates it from
+    the same z as the reconstruction term, log q(z|x) - log p(z). ``beta`` only enters :meth:`ElboTerms.loss`.
+    """
+    if kl not in KL_ESTIMATORS:
+        raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
+    mu, log_var = model.encoder(x)
+    z = model.encoder.reparameterize(mu, log_var, None if n_samples == 1 else n_samples)
+    rec = model.decoder.log_prob(x, z)
+    if kl == "analytic":
+        kl_value = model.prior.kl(mu, log_var)
+    else:
+        kl_value = model.encoder.log_prob(x, z, stats=(mu, log_var)) - model.prior.log_prob(z)
+    if n_samples != 1:
+        rec, kl_value = rec.mean(0), kl_value.mean(0) if kl_value.dim() > 1 else kl_value
+    return ElboTerms(elbo=rec - kl_value, rec=rec, kl=kl_value, beta=beta)
+
+
+def kl_warmup(epoch: int, warmup_epochs: int, beta: float = 1.0) -> float:
+    """beta for 1-based ``epoch`` under a linear warm-up: 0 in epoch 1, ``beta`` from epoch warmup_epochs + 1.
+
+    (Bowman et al. 2016; Sonderby et al. 2016.) With warmup_epochs = 0 it is ``beta`` throughout.
+    """
+    if warmup_epochs <= 0:
+        return float(beta)
+    return float(beta) * min(1.0, (epoch - 1) / warmup_epochs)
+
+
+def log_importance_weights(model, x: Tensor, k: int, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """log w_i = log p(x, z_i) - log q(z_i|x) for k draws z_i ~ q(z|x): shape (k, batch)."""
+    mu, log_var = model.encoder(x) if stats is None else stats
+    z = model.encoder.reparameterize(mu, log_var, k)
+    return model.decoder.log_prob(x, z) + model.prior.log_prob(z) - log_normal_diag(z, mu, log_var)
+
+
+def default_chunk(k: int, batch: int, input_dim: int, max_elements: int = 2**25) -> int:
+    """Samples per chunk so that one (chunk, batch, input_dim) tensor stays under ``max_elements``."""
+    return max(1, min(k, max_elements // max(1, batch * input_dim)))
+
+
+def iwae_bound(model, x: Tensor, k: int = 50, chunk: int | None = None, max_elements: int = 2**25) -> Tensor:
+    """The IWAE bound (Burda et al. 2015) per example: log (1/k) sum_i w_i, with k samples.
+
+    Samples are drawn ``chunk`` at a time (default: as many as fit ``max_elements`` decoder outputs); each
+    chunk is reduced with logsumexp and the chunks are combined with a second logsumexp, which is exact:
+    logsumexp over all k = logsumexp over chunks of (logsumexp within chunk). k = 1 is the ELBO with a
+    Monte-Carlo KL.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    stats = model.encoder(x)
+    if chunk is None:
+        chunk = default_chunk(k, len(x), x.shape[-1], max_elements)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    partial = [torch.logsumexp(log_importance_weights(model, x, min(chunk, k - start), stats), dim=0)
+               for start in range(0, k, chunk)]
+    return torch.logsumexp(torch.stack(partial), dim=0) - math.log(k)
+
+
+__all__ = ["ElboTerms", "KL_ESTIMATORS", "default_chunk", "elbo", "iwae_bound", "kl_warmup",
+           "log_importance_weights"]

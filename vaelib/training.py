@@ -1,0 +1,678 @@
+"""Training: :func:`fit` (device choice, seeding, resident data, a CUDA-graph fast path, NaN detection,
+atomic checkpoints, bit-for-bit resume) and :func:`load_run`.
+
+A run directory (``out_dir``) holds
+  * ``checkpoint.pt`` — model and optimizer state, RNG states, epoch and history (tensors and plain
+    containers only, so it loads with ``torch.load(..., weights_only=True)``);
+  * ``history.json`` and ``history.csv`` — one row per epoch;
+  * ``run.json`` — the model config and the fit settings, human-readable.
+
+Resuming restores the global torch RNG (CPU, and CUDA where used), the data-permutation and binarisation
+generators, the optimizer state and the epoch, so on the CPU ``fit(epochs=4)`` and ``fit(epochs=2)`` followed by
+``fit(epochs=4, resume=True)`` give identical parameters and history (tests/test_training.py checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vaelib.config import select_device
+from vaelib.evaluation import evaluate_elbo
+from vaelib.models import Likelihood, check_input
+from vaelib.objectives import KL_ESTIMATORS, elbo, kl_warmup
+
+CHECKPOINT_NAME = "checkpoint.pt"
+HISTORY_JSON = "history.json"
+HISTORY_CSV = "history.csv"
+RUN_JSON = "run.json"
+CHECKPOINT_FORMAT = 1
+FAST_MODES = ("auto", "eager", "graph", "compile", "graph-compile")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; ``epoch``/``step`` say where, ``checkpoint`` is the last good one."""
+
+    def __init__(self, message: str, epoch: int, step: int, checkpoint: Path | None, history: list[dict]):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint, self.history = epoch, step, checkpoint, history
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`; ``checkpoint`` (if any) resumes at the end of epoch ``epoch``."""
+
+    def __init__(self, message: str, epoch: int, checkpoint: Path | None, history: list[dict]):
+        super().__init__(message)
+        self.message, self.epoch, self.checkpoint, self.history = message, epoch, checkpoint, history
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RunNotFoundError(FileNotFoundError):
+    """A run directory or its checkpoint does not exist."""
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict]
+    device: torch.device
+    seconds_per_epoch: list[float]
+    fast: str = "eager"
+    out_dir: Path | None = None
+    checkpoint: Path | None = None
+    resumed_from: int = 0
+
+    def __repr__(self) -> str:
+        last = self.history[-1] if self.history else {}
+        return (f"FitResult(epochs={len(self.history)}, device={self.device}, fast={self.fast!r}, "
+                f"last={ {k: round(v, 3) if isinstance(v, float) else v for k, v in last.items()} })")
+
+
+@dataclass
+class LoadedRun:
+    model: nn.Module
+    history: list[dict]
+    epoch: int
+    config: dict
+    run: dict = field(default_factory=dict)
+    run_dir: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------ file helpers
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write through ``write(file_object)`` into a temp file in the same folder, fsync, then os.replace.
+
+    A crash (or Ctrl-C) at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
+    """Load a checkpoint written by :func:`fit` (``weights_only=True``: tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
+
+
+def _write_history(out_dir: Path, history: list[dict]) -> None:
+    _write_json(out_dir / HISTORY_JSON, history)
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+
+    def write_csv(fh) -> None:
+        import io
+
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+        fh.write(text.getvalue().encode())
+
+    atomic_write(out_dir / HISTORY_CSV, write_csv)
+
+
+def _clone_tree(obj):
+    """Deep copy of nested dicts/lists with tensors cloned (a snapshot that later steps cannot change)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_clone_tree(v) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _as_data(x, name: str, input_dim: int, dtype: torch.dtype, unit_interval: bool) -> Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    check_input(x, input_dim, name)
+    if len(x) == 0:
+        raise ValueError(f"{name} is empty")
+    x = x.to(dtype)
+    lo, hi = x.min().item(), x.max().item()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if unit_interval and (lo < 0 or hi > 1):
+        raise ValueError(f"{name} must lie in [0, 1] for this likelihood (found values in [{lo:.3g}, {hi:.3g}]); "
+                         "use a Gaussian likelihood for other data")
+    return x
+
+
+def _fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether data of ``nbytes`` can stay on ``device`` (half the free memory at most)."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes < 0.5 * free
+    return nbytes < 2 * 2**30  # MPS and others: no query; MNIST-size data (~200 MB) fits
+
+
+def _resolve_fast(fast, device: torch.device, resident: bool, custom_optimizer: bool) -> str:
+    if fast is True:
+        fast = "auto"
+    if fast is False or fast is None:
+        fast = "eager"
+    if fast not in FAST_MODES:
+        raise ValueError(f"fast must be one of {FAST_MODES} (or True/False), got {fast!r}")
+    if fast == "auto":
+        # CUDA graphs remove the per-kernel launch cost that bounds this small model; on the CPU there is no
+        # launch cost to remove and compilation only adds time, so eager is the fast path there.
+        return "graph" if device.type == "cuda" and resident and not custom_optimizer else "eager"
+    if fast in ("graph", "graph-compile"):
+        why = ("it needs a CUDA device" if device.type != "cuda" else
+               "it needs the data resident on the device" if not resident else
+               "it needs vaelib's own (capturable) Adam" if custom_optimizer else "")
+        if why:
+            warnings.warn(f"fast={fast!r} is not available ({why}); training eagerly", stacklevel=3)
+            return "eager"
+    return fast
+
+
+def _make_adam(model: nn.Module, lr: float, mode: str) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if mode.startswith("graph"):
+        # Captured inside the graph: the step counter must live on the device (capturable). The fused kernel
+        # replaces ~a dozen foreach kernels per step; older torch versions without it fall back to foreach.
+        try:
+            return torch.optim.Adam(params, lr=lr, capturable=True, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            return torch.optim.Adam(params, lr=lr, capturable=True, foreach=True)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state but keep this optimizer's implementation flags (capturable/fused/foreach),
+    so a checkpoint from the CPU resumes on the CUDA-graph path and back."""
+    flags = [{k: g.get(k) for k in ("capturable", "fused", "foreach")} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, saved in zip(opt.param_groups, flags, strict=True):
+        group.update(saved)
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            if "step" in st and isinstance(st["step"], Tensor):
+                on_device = bool(saved.get("capturable") or saved.get("fused"))
+                st["step"] = st["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ the steppers
+def _batch_loss(model, xb: Tensor, beta, kl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, sum of rec, sum of kl) of one batch; loss = mean of -(rec - beta * kl)."""
+    terms = elbo(model, xb, beta=beta, kl=kl)
+    return terms.loss(), terms.rec.sum(), terms.kl.sum()
+
+
+class _EagerStepper:
+    """One optimizer step per batch in plain PyTorch; losses are accumulated on the device (one sync per epoch)."""
+
+    def __init__(self, model, opt, kl: str, batch_size: int, device: torch.device, compile_loss: bool = False):
+        self.model, self.opt, self.kl, self.batch_size, self.device = model, opt, kl, batch_size, device
+        self.loss_fn = torch.compile(_batch_loss, dynamic=False) if compile_loss else _batch_loss
+
+    def step(self, xb: Tensor, beta: Tensor, acc: Tensor, bad: Tensor, step_index: int) -> None:
+        loss, rec_sum, kl_sum = self.loss_fn(self.model, xb, beta, self.kl)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            acc += torch.stack([rec_sum.detach(), kl_sum.detach()])
+            # Remember the first step whose loss was not finite, without a host sync per step.
+            bad.copy_(torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step_index, bad))
+
+    def run_epoch(self, data: Tensor, perm: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+        acc = torch.zeros(2, device=self.device, dtype=torch.float64)
+        bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        beta_t = torch.tensor(beta, device=self.device)
+        for step_index, start in enumerate(range(0, len(perm), self.batch_size)):
+            idx = perm[start:start + self.batch_size]
+            xb = data.index_select(0, idx).to(self.device, non_blocking=True)
+            self.step(xb, beta_t, acc, bad, step_index)
+        return acc, bad
+
+
+class _GraphStepper(_EagerStepper):
+    """The whole training step (batch gather, forward, backward, Adam) captured once in a CUDA graph and
+    replayed once per batch.
+
+    Inside the graph nothing may depend on host values: the batch is gathered with index_select from a device-side
+    permutation buffer at a device-side step counter, beta is a device tensor, and the counter is incremented
+    by the graph itself. The last, partial batch of an epoch (other shape) runs eagerly on the same tensors.
+    """
+
+    def __init__(self, model, opt, kl: str, batch_size: int, device: torch.device, data: Tensor,
+                 compile_loss: bool = False):
+        super().__init__(model, opt, kl, batch_size, device, compile_loss=False)
+        n = len(data)
+        self.data = data  # static: dynamic binarisation writes into it in place
+        self.n_full = n // batch_size
+        self.perm = torch.arange(n, device=device)
+        self.counter = torch.zeros((), dtype=torch.long, device=device)
+        self.offsets = torch.arange(batch_size, device=device)
+        self.beta = torch.zeros((), device=device)
+        self.acc = torch.zeros(2, device=device, dtype=torch.float64)
+        self.bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.graph_loss_fn = torch.compile(_batch_loss, dynamic=False) if compile_loss else _batch_loss
+        self.graph = None
+        self.replay = None
+        if self.n_full > 0:
+            self._capture()
+
+    def _graph_body(self) -> None:
+        idx = self.perm.index_select(0, self.counter * self.batch_size + self.offsets)
+        xb = self.data.index_select(0, idx)
+        loss, rec_sum, kl_sum = self.graph_loss_fn(self.model, xb, self.beta, self.kl)
+        loss.backward()  # grads are None at capture, so backward writes them: no zero_grad kernel per step
+        self.opt.step()
+        with torch.no_grad():
+            self.acc += torch.stack([rec_sum.detach(), kl_sum.detach()])
+            self.bad.copy_(torch.where((self.bad < 0) & ~torch.isfinite(loss.detach()), self.counter, self.bad))
+            self.counter += 1
+
+    def _capture(self) -> None:
+        # Warm-up steps (on a side stream, as capture requires) really update the parameters and Adam's moments;
+        # snapshot and restore both so that the trajectory starts exactly where the eager one would (also when
+        # capture fails and training falls back to eager).
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = _clone_tree({i: dict(self.opt.state[p]) for i, p in enumerate(params) if p in self.opt.state})
+        try:
+            with self._warmup_stream():
+                for _ in range(3):
+                    self.counter.zero_()  # stay on the first batch: the data may hold fewer than 3 batches
+                    self.opt.zero_grad(set_to_none=True)
+                    self._graph_body()
+            self.opt.zero_grad(set_to_none=True)
+            self.replay = self._record()
+        finally:
+            # Capture records without executing; undo the warm-up.
+            self._synchronize()
+            with torch.no_grad():
+                for p, v in zip(params, saved_params, strict=True):
+                    p.copy_(v)
+                for i, p in enumerate(params):
+                    for key, value in self.opt.state.get(p, {}).items():
+                        if isinstance(value, Tensor):
+                            if i in saved_state and key in saved_state[i]:
+                                value.copy_(saved_state[i][key])
+                            else:
+                                value.zero_()  # a fresh Adam: zero moments and step
+                self.counter.zero_()
+                self.acc.zero_()
+                self.bad.fill_(-1)
+
+    # The CUDA specifics, kept apart so that the logic above can be checked on a CPU (tests/test_training.py).
+    @contextlib.contextmanager
+    def _warmup_stream(self):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _record(self):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_body()
+        self.graph = graph
+        return graph.replay
+
+    def _synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def run_epoch(self, data: Tensor, perm: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+        if data.data_ptr() != self.data.data_ptr():
+            self.data.copy_(data)
+        self.perm.copy_(perm, non_blocking=True)
+        self.counter.zero_()
+        self.acc.zero_()
+        self.bad.fill_(-1)
+        self.beta.fill_(beta)
+        for _ in range(self.n_full):
+            self.replay()
+        rest = perm[self.n_full * self.batch_size:]
+        if len(rest):
+            # Grads are the graph's static buffers; zero them in place (not None) so that the graph keeps them.
+            loss, rec_sum, kl_sum = _batch_loss(self.model, self.data.index_select(0, rest), self.beta, self.kl)
+            self.opt.zero_grad(set_to_none=False)
+            loss.backward()
+            self.opt.step()
+            with torch.no_grad():
+                self.acc += torch.stack([rec_sum.detach(), kl_sum.detach()])
+                self.bad.copy_(torch.where((self.bad < 0) & ~torch.isfinite(loss.detach()), self.n_full, self.bad))
+        return self.acc.clone(), self.bad.clone()
+
+
+# ------------------------------------------------------------------------------------------------ RNG state
+def _rng_state(device: torch.device, perm_gen: torch.Generator, bin_gen: torch.Generator) -> dict:
+    state = {"torch_cpu": torch.get_rng_state(), "perm": perm_gen.get_state(), "binarize": bin_gen.get_state()}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device, perm_gen: torch.Generator, bin_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    perm_gen.set_state(state["perm"])
+    bin_gen.set_state(state["binarize"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+# ------------------------------------------------------------------------------------------------------ fit
+def fit(
+    model: nn.Module,
+    train_x: Tensor,
+    test_x: Tensor | None = None,
+    *,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    beta: float = 1.0,
+    warmup_epochs: int = 0,
+    binarize: bool = False,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    fast: str | bool = "auto",
+    progress: bool = True,
+    checkpoint_every: int = 1,
+    kl: str = "analytic",
+    optimizer=None,
+    resident: bool | None = None,
+    eval_batch_size: int = 1000,
+    run_info: dict | None = None,
+    callback=None,
+    tf32: bool | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train_x`` (N, input_dim) by minimising -(rec - beta_t * kl), with Adam.
+
+    epochs: the total number of epochs (when resuming, training continues up to this number).
+    beta, warmup_epochs: the KL weight and its linear warm-up (:func:`vaelib.objectives.kl_warmup`).
+    binarize: True redraws Bernoulli(x) binary data every epoch (Burda et al. 2015); data must be in [0, 1].
+    device: None picks cuda > mps > cpu (:func:`vaelib.config.select_device`).
+    fast: "auto" (CUDA graph on CUDA, eager elsewhere), "eager", "graph", "compile" (torch.compile of the loss)
+      or "graph-compile" (both; the fastest on a GPU, at a one-off compile cost). Unavailable modes fall back to
+      eager with a warning.
+    out_dir: run directory for checkpoints and history; resume=True continues from its checkpoint.
+    checkpoint_every: write the checkpoint every this many epochs (and after the last one, and on Ctrl-C).
+    optimizer: optional ``params -> torch.optim.Optimizer`` factory replacing Adam(lr).
+    resident: keep the data on the device (default: when it fits, which MNIST-size data does).
+    callback: optional ``callback(row, model)`` called after each epoch with its history row.
+    tf32: allow TF32 matmuls on CUDA during training (default: on the graph/compile paths only).
+    Raises TrainingDivergedError on a NaN/inf loss (the model is restored to the last good epoch) and
+    TrainingInterrupted (a KeyboardInterrupt) on Ctrl-C after saving a resumable checkpoint.
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "encoder") or not hasattr(model, "decoder"):
+        raise TypeError(f"model must be a VAE-like nn.Module with .encoder/.decoder/.prior, got {type(model).__name__}")
+    for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("warmup_epochs", warmup_epochs, 0),
+                             ("checkpoint_every", checkpoint_every, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    if kl not in KL_ESTIMATORS:
+        raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (the run directory to resume)")
+
+    input_dim = getattr(model, "input_dim", None) or model.encoder.input_dim
+    param_dtype = next(model.parameters()).dtype
+    likelihood = getattr(model.decoder, "likelihood", None)
+    unit = binarize or (isinstance(likelihood, Likelihood) and likelihood.support == "unit-interval")
+    train_x = _as_data(train_x, "train_x", input_dim, param_dtype, unit)
+    if test_x is not None:
+        test_x = _as_data(test_x, "test_x", input_dim, param_dtype, unit)
+
+    dev = select_device(device)
+    model.to(dev)
+    n_train = len(train_x)
+    data_bytes = train_x.element_size() * train_x.numel() * (2 if binarize else 1)
+    if resident is None:
+        resident = _fits_on(dev, data_bytes)
+    data_dev = dev if resident else torch.device("cpu")
+    train_data = train_x.to(data_dev)
+    mode = _resolve_fast(fast, dev, resident, optimizer is not None)
+    opt = optimizer(model.parameters()) if optimizer is not None else _make_adam(model, lr, mode)
+
+    torch.manual_seed(seed)
+    perm_gen = torch.Generator().manual_seed(seed)
+    try:
+        bin_gen = torch.Generator(device=data_dev).manual_seed(seed + 1)
+    except RuntimeError:  # a backend without its own generators: binarise on the CPU's
+        data_dev, resident = torch.device("cpu"), False
+        train_data = train_x
+        bin_gen = torch.Generator().manual_seed(seed + 1)
+
+    run_dir = Path(out_dir) if out_dir is not None else None
+    ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    config = dict(getattr(model, "config", {}) or {})
+    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, beta=beta, warmup_epochs=warmup_epochs,
+                    binarize=bool(binarize), seed=seed, kl=kl, n_train=n_train)
+    history: list[dict] = []
+    start_epoch = 0
+    if resume:
+        if not run_dir.is_dir():
+            raise RunNotFoundError(f"run directory {run_dir} does not exist (nothing to resume)")
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resumable(ckpt, config, settings)
+        model.load_state_dict(ckpt["model_state"])
+        _load_optimizer_state(opt, ckpt["optimizer_state"])
+        _set_rng_state(ckpt["rng"], dev, perm_gen, bin_gen)
+        history = list(ckpt["history"])
+        start_epoch = int(ckpt["epoch"])
+
+    def checkpoint_state(epoch: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "model_state": model.state_dict(),
+            "model_config": config, "optimizer_state": opt.state_dict(),
+            "rng": _rng_state(dev, perm_gen, bin_gen), "history": history, "settings": settings,
+        }
+
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / RUN_JSON, {"model_config": config, "settings": settings, "run_info": run_info or {},
+                                         "device": str(dev), "torch": torch.__version__, "fast": mode})
+        if not resume:
+            save_checkpoint(checkpoint_state(0), ckpt_path)  # an interrupt in epoch 1 can resume from here
+
+    restore_tf32 = None
+    if tf32 is None:
+        tf32 = mode != "eager"
+    if dev.type == "cuda":
+        # TF32 matmuls: ~fp32 accuracy at tensor-core speed; restored when fit returns.
+        restore_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+
+    binarized = torch.empty_like(train_data) if binarize else train_data
+    stepper = _make_stepper(mode, model, opt, kl, batch_size, dev, binarized)
+    if isinstance(stepper, _GraphStepper):
+        mode = "graph-compile" if stepper.graph_loss_fn is not _batch_loss else "graph"
+    elif mode.startswith("graph"):
+        mode = "eager"
+
+    seconds: list[float] = []
+    saved_epoch = start_epoch
+    pending: dict | None = None  # the last epoch's state when it was not written to disk yet
+    bar = _progress_bar(progress, start_epoch, epochs)
+    try:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            good_params = _clone_tree(model.state_dict())
+            beta_e = kl_warmup(epoch, warmup_epochs, beta)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            perm = torch.randperm(n_train, generator=perm_gen).to(data_dev, non_blocking=True)
+            if binarize:
+                binarized.bernoulli_(train_data, generator=bin_gen)
+            model.train()
+            acc, bad = stepper.run_epoch(binarized, perm, beta_e)
+            acc_host, bad_step = acc.tolist(), int(bad.item())  # the one host sync per epoch
+            seconds.append(time.perf_counter() - t0)
+            if bad_step >= 0 or not all(math.isfinite(v) for v in acc_host):
+                model.load_state_dict(good_params)
+                n_steps = math.ceil(n_train / batch_size)
+                step_txt = f"step {bad_step + 1} of {n_steps}" if bad_step >= 0 else "an unknown step"
+                where = (f"{ckpt_path} (end of epoch {saved_epoch})" if ckpt_path is not None
+                         else "none written (no out_dir)")
+                raise TrainingDivergedError(
+                    f"training diverged: the loss became NaN or infinite in epoch {epoch}, {step_txt} "
+                    f"(lr={lr}, beta={beta_e:g}); the model was restored to the end of epoch {epoch - 1}; "
+                    f"last good checkpoint: {where}. Try a smaller learning rate.",
+                    epoch, bad_step + 1, ckpt_path if ckpt_path is not None else None, history)
+            rec_mean, kl_mean = acc_host[0] / n_train, acc_host[1] / n_train
+            row = {"epoch": epoch, "train_loss": -(rec_mean - beta_e * kl_mean), "train_rec": rec_mean,
+                   "train_kl": kl_mean}
+            if test_x is not None:
+                model.eval()
+                ev = evaluate_elbo(model, test_x, batch_size=eval_batch_size, kl=kl)
+                row.update(test_elbo=ev["elbo"], test_rec=ev["rec"], test_kl=ev["kl"])
+            row.update(beta=beta_e, seconds=seconds[-1])
+            history.append(row)
+            if bar is not None:
+                post = {"loss": f"{row['train_loss']:.2f}", "kl": f"{kl_mean:.2f}"}
+                if "test_elbo" in row:
+                    post["test_elbo"] = f"{row['test_elbo']:.2f}"
+                bar.set_postfix(post)
+                bar.update(1)
+            if run_dir is not None:
+                if epoch % checkpoint_every == 0 or epoch == epochs:
+                    save_checkpoint(checkpoint_state(epoch), ckpt_path)
+                    saved_epoch, pending = epoch, None
+                else:
+                    pending = _clone_tree(checkpoint_state(epoch))
+                _write_history(run_dir, history)
+            if callback is not None:
+                callback(row, model)
+    except KeyboardInterrupt:
+        if pending is not None:
+            save_checkpoint(pending, ckpt_path)
+            saved_epoch = pending["epoch"]
+        if ckpt_path is not None:
+            msg = (f"training interrupted during epoch {len(history) + 1}; a resumable checkpoint of epoch "
+                   f"{saved_epoch} is in {ckpt_path}; continue with resume=True (CLI: --resume)")
+        else:
+            msg = f"training interrupted during epoch {len(history) + 1}; nothing saved (no out_dir)"
+        raise TrainingInterrupted(msg, saved_epoch, ckpt_path, history) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        if restore_tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = restore_tf32
+    model.eval()
+    return FitResult(model=model, history=history, device=dev, seconds_per_epoch=seconds, fast=mode,
+                     out_dir=run_dir, checkpoint=ckpt_path, resumed_from=start_epoch)
+
+
+def _make_stepper(mode: str, model, opt, kl: str, batch_size: int, dev: torch.device, data: Tensor):
+    if mode.startswith("graph"):
+        try:
+            return _GraphStepper(model, opt, kl, batch_size, dev, data, compile_loss=mode == "graph-compile")
+        except Exception as err:  # capture can fail on exotic models or drivers: stay correct, lose speed
+            warnings.warn(f"CUDA-graph capture failed ({type(err).__name__}: {err}); training eagerly",
+                          stacklevel=3)
+            opt.zero_grad(set_to_none=True)
+            return _EagerStepper(model, opt, kl, batch_size, dev)
+    return _EagerStepper(model, opt, kl, batch_size, dev, compile_loss=mode == "compile")
+
+
+def _progress_bar(progress: bool, start: int, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="epoch")
+
+
+def _check_resumable(ckpt: dict, config: dict, settings: dict) -> None:
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint format {ckpt.get('format')!r} is not {CHECKPOINT_FORMAT}")
+    saved_config = ckpt.get("model_config") or {}
+    if config and saved_config and saved_config != config:
+        raise ValueError(f"the model does not match the checkpoint's (checkpoint {saved_config}, model {config})")
+    saved = ckpt.get("settings", {})
+    differ = [k for k in ("batch_size", "binarize", "kl", "n_train") if k in saved and saved[k] != settings[k]]
+    if differ:
+        raise ValueError("cannot resume with different " + ", ".join(
+            f"{k} (checkpoint {saved[k]!r}, now {settings[k]!r})" for k in differ))
+
+
+def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None,
+             device: str | torch.device | None = "cpu") -> LoadedRun:
+    """The model (rebuilt from the stored config unless given), history and settings of a run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunNotFoundError(f"run directory {run_dir} does not exist")
+    ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    config = ckpt.get("model_config") or {}
+    if model is None:
+        if not config:
+            raise ValueError(f"{run_dir}: the checkpoint holds no model config (a custom model); pass model=")
+        from vaelib.models import build_vae
+
+        model = build_vae(**config)
+    model.load_state_dict(ckpt["model_state"])
+    model.to(select_device(device)).eval()
+    run = {}
+    if (run_dir / RUN_JSON).is_file():
+        run = json.loads((run_dir / RUN_JSON).read_text())
+    return LoadedRun(model=model, history=list(ckpt["history"]), epoch=int(ckpt["epoch"]), config=config, run=run,
+                     run_dir=run_dir)
+
+
+__all__ = ["CHECKPOINT_NAME", "FAST_MODES", "FitResult", "LoadedRun", "RunNotFoundError", "TrainingDivergedError",
+           "TrainingInterrupted", "atomic_write", "fit", "load_checkpoint", "load_run", "save_checkpoint"]
