@@ -15,7 +15,6 @@ STAMP := $(VENV)/.vaelib-installed
 NB ?= $(basename $(notdir $(wildcard notebooks/*.md)))
 # This machine's pip configuration prints one warning per package about absent local indexes: drop those lines.
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
-export MPLBACKEND := Agg
 
 .PHONY: book test notebooks data venv lint pairs unit nbval book-strict benchmark scrub clean
 
@@ -49,7 +48,7 @@ unit: venv
 
 nbval: venv
 	VAELIB_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
-	  --sanitize-with tests/nbval_sanitize.cfg book/chapters
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg book/chapters
 
 book-strict: venv
 	$(BIN)/jupyter-book build book -W -n --keep-going
