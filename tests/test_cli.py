@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import vaelib.training as training
 from vaelib.cli import main
 from vaelib.data import DataNotFoundError, find_dataset
 
@@ -121,24 +120,15 @@ def test_train_eval_round_trip(tmp_path, capsys):
 
 
 @needs_data
-def test_interrupt_exits_130_and_resume_continues(tmp_path, capsys, monkeypatch):
+def test_interrupt_exits_130_and_resume_continues(tmp_path, capsys, interrupt_at_epoch):
     out = tmp_path / "run"
-    real = training._EagerStepper.run_epoch
-    calls = {"n": 0}
-
-    def interrupted(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, *args)
-
-    monkeypatch.setattr(training._EagerStepper, "run_epoch", interrupted)
+    disarm = interrupt_at_epoch(2)
     argv = ["train", *TINY, "--epochs", "3", "--out", str(out)]
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "epoch 1" in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(training._EagerStepper, "run_epoch", real)
+    disarm()
     assert main([*argv, "--resume"]) == 0
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2, 3]
 

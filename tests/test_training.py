@@ -90,26 +90,17 @@ def test_resume_is_bit_for_bit(tmp_path, data):
     assert without_seconds(straight.history) == without_seconds(resumed.history)
 
 
-def test_interrupt_saves_resumable_checkpoint(tmp_path, data, monkeypatch):
+def test_interrupt_saves_resumable_checkpoint(tmp_path, data, interrupt_at_epoch):
     train, _ = data
     kw = dict(batch_size=32, progress=False, checkpoint_every=3)
     straight = fit(tiny_model(), train, epochs=3, **kw)
 
-    real = training._EagerStepper.run_epoch
-    calls = {"n": 0}
-
-    def interrupted(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, *args)
-
-    monkeypatch.setattr(training._EagerStepper, "run_epoch", interrupted)
+    disarm = interrupt_at_epoch(2)
     with pytest.raises(TrainingInterrupted, match="resume") as info:
         fit(tiny_model(), train, epochs=3, out_dir=tmp_path, **kw)
     assert isinstance(info.value, KeyboardInterrupt)
     assert info.value.epoch == 1 and load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 1
-    monkeypatch.setattr(training._EagerStepper, "run_epoch", real)
+    disarm()
     resumed = fit(tiny_model(5), train, epochs=3, out_dir=tmp_path, resume=True, **kw)
     assert_same_params(straight.model, resumed.model)
     assert without_seconds(straight.history) == without_seconds(resumed.history)
