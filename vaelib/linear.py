@@ -119,9 +119,11 @@ class LinearGaussian:
         |L^{-1}(x - b)|^2 from a triangular solve, never an explicit inverse.
         """
         chol = torch.linalg.cholesky(self.marginal_covariance())
-        resid = (x - self.b).unsqueeze(-1)  # (..., d, 1)
-        white = torch.linalg.solve_triangular(chol.expand(*resid.shape[:-2], -1, -1), resid, upper=False)
-        quad = white.squeeze(-1).pow(2).sum(-1)
+        resid = x - self.b  # (..., d)
+        # One solve with every example as a column of the right-hand side: L^{-1} R^T, (d, n). (Expanding L
+        # to one copy per example instead costs a batched solve and n copies of a d x d matrix.)
+        white = torch.linalg.solve_triangular(chol, resid.reshape(-1, self.data_dim).T, upper=False)
+        quad = white.pow(2).sum(0).reshape(resid.shape[:-1])
         logdet = 2.0 * torch.log(torch.diagonal(chol)).sum()
         return -0.5 * (self.data_dim * LOG_2PI + logdet + quad)
 
