@@ -65,6 +65,7 @@ def test_help_documents_every_option(capsys):
 @pytest.mark.parametrize("argv", [
     ["train", "--epochs", "-1", "--out", "x"],
     ["train", "--lr", "zero", "--out", "x"],
+    ["train", "--lr-final", "-1", "--out", "x"],
     ["train", "--hidden", "4,a", "--out", "x"],
     ["train", "--arch", "rnn", "--out", "x"],
     ["train"],  # --out is required
@@ -106,10 +107,12 @@ def test_data_command_prints_folder(capsys):
 @needs_data
 def test_train_eval_round_trip(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "2", "--binarize", "dynamic", "--out", str(out)]) == 0
+    assert main(["train", *TINY, "--epochs", "2", "--binarize", "dynamic", "--lr", "2e-3", "--lr-final", "5e-4",
+                 "--out", str(out)]) == 0
     assert "run saved in" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2] and "test_elbo" in history[0]
+    assert [row["lr"] for row in history] == pytest.approx([2e-3, 5e-4])
     assert main(["eval", str(out), "--iwae-k", "20", "--iwae-images", "8", "--test-size", "64", "--device",
                  "cpu"]) == 0
     text = capsys.readouterr().out

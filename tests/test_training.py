@@ -63,9 +63,11 @@ def test_history_files_and_checkpoint(tmp_path, data):
     train, test = data
     result = fit(tiny_model(), train, test, epochs=3, batch_size=32, warmup_epochs=2, beta=2.0, out_dir=tmp_path,
                  progress=False)
-    keys = {"epoch", "train_loss", "train_rec", "train_kl", "test_elbo", "test_rec", "test_kl", "beta", "seconds"}
+    keys = {"epoch", "train_loss", "train_rec", "train_kl", "test_elbo", "test_rec", "test_kl", "beta", "lr",
+            "seconds"}
     assert [set(r) for r in result.history] == [keys] * 3
     assert [r["beta"] for r in result.history] == [0.0, 1.0, 2.0]
+    assert [r["lr"] for r in result.history] == [1e-3] * 3  # the default, constant
     row = result.history[-1]
     assert row["train_loss"] == pytest.approx(-(row["train_rec"] - 2.0 * row["train_kl"]))
     assert json.loads((tmp_path / "history.json").read_text()) == result.history
@@ -88,6 +90,63 @@ def test_resume_is_bit_for_bit(tmp_path, data):
     assert resumed.resumed_from == 2
     assert_same_params(straight.model, resumed.model)
     assert without_seconds(straight.history) == without_seconds(resumed.history)
+
+
+def test_lr_schedule_decays_geometrically_to_lr_final(data):
+    train, _ = data
+    result = fit(tiny_model(), train, epochs=5, batch_size=32, lr=1e-2, lr_final=1e-4, progress=False)
+    lrs = [row["lr"] for row in result.history]
+    expected = [1e-2 * 10 ** (-2 * i / 4) for i in range(5)]  # 1e-2, 3.2e-3, 1e-3, 3.2e-4, 1e-4
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert [training.lr_at_epoch(e, 5, 1e-2, 1e-4) for e in range(1, 6)] == lrs
+    assert training.lr_at_epoch(1, 1, 1e-2, 1e-4) == 1e-2  # one epoch: the start value
+    # The schedule reaches the optimizer, not only the history: a run with a tiny final step moves the
+    # parameters less in its last epoch than the constant-lr run.
+    const = fit(tiny_model(), train, epochs=5, batch_size=32, lr=1e-2, progress=False)
+    assert [row["lr"] for row in const.history] == [1e-2] * 5
+    assert result.history[-1]["train_loss"] != const.history[-1]["train_loss"]
+
+
+def test_lr_schedule_applies_to_a_custom_optimizer(data):
+    train, _ = data
+    seen = []
+    result = fit(tiny_model(), train, epochs=3, batch_size=32, lr=0.05, lr_final=0.0005, progress=False,
+                 optimizer=lambda params: torch.optim.SGD(params, lr=123.0),
+                 callback=lambda row, model: seen.append(row["lr"]))
+    assert seen == [row["lr"] for row in result.history] == pytest.approx([0.05, 0.005, 0.0005])
+    # Without a schedule the history reports the custom optimizer's own lr, not fit's lr argument.
+    result = fit(tiny_model(), train, epochs=1, batch_size=32, progress=False,
+                 optimizer=lambda params: torch.optim.SGD(params, lr=0.025))
+    assert result.history[0]["lr"] == 0.025
+
+
+def test_resume_follows_the_lr_schedule_bit_for_bit(tmp_path, data, interrupt_at_epoch):
+    train, test = data
+    kw = dict(epochs=4, batch_size=48, lr=1e-2, lr_final=1e-3, binarize=True, progress=False, seed=3)
+    straight = fit(tiny_model(1), train, test, **kw)
+    disarm = interrupt_at_epoch(3)
+    with pytest.raises(TrainingInterrupted):
+        fit(tiny_model(1), train, test, out_dir=tmp_path, **kw)
+    disarm()
+    resumed = fit(tiny_model(99), train, test, out_dir=tmp_path, resume=True, **kw)
+    assert resumed.resumed_from == 2
+    assert_same_params(straight.model, resumed.model)
+    assert without_seconds(straight.history) == without_seconds(resumed.history)
+
+
+def test_optimizer_state_keeps_its_kind_of_lr():
+    """A checkpoint's float lr loads into the graph path's tensor lr in place (the captured graph reads that
+    tensor), and a tensor lr saved there loads back as a float for the eager path."""
+    params = [nn.Parameter(torch.ones(3))]
+    eager = torch.optim.Adam(params, lr=1e-3)
+    lr_tensor = torch.tensor(0.5)
+    graphy = torch.optim.Adam(params, lr=lr_tensor, foreach=False)
+    training._load_optimizer_state(graphy, eager.state_dict())
+    assert graphy.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(1e-3)
+    training._set_lr(graphy, 2e-4)
+    assert graphy.param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(2e-4)
+    training._load_optimizer_state(eager, graphy.state_dict())
+    assert type(eager.param_groups[0]["lr"]) is float and eager.param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
 def test_interrupt_saves_resumable_checkpoint(tmp_path, data, interrupt_at_epoch):
@@ -157,6 +216,10 @@ def test_bad_inputs_to_fit(tmp_path, data):
         fit(model, train.clone().fill_(float("nan")), epochs=1, progress=False)
     with pytest.raises(ValueError, match="epochs"):
         fit(model, train, epochs=-1)
+    with pytest.raises(ValueError, match="lr_final must be a positive number"):
+        fit(model, train, epochs=1, lr_final=0.0)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        fit(model, train, epochs=1, lr=float("nan"))
     with pytest.raises(ValueError, match="fast"):
         fit(model, train, epochs=1, fast="warp")
     with pytest.raises(ValueError, match="out_dir"):
@@ -252,16 +315,18 @@ def test_cuda_graph_matches_eager_trajectory(data, fast):
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_graph_equals_eager_without_noise(data):
+@pytest.mark.parametrize("lr_final", [None, 1e-5])
+def test_cuda_graph_equals_eager_without_noise(data, lr_final):
     """With z = mu (no sampling noise) and TF32 off, the replayed graph and the eager loop make the same updates
-    up to floating-point reassociation: the warm-up before capture is undone and no step is lost or doubled."""
+    up to floating-point reassociation: the warm-up before capture is undone and no step is lost or doubled;
+    with a schedule, the replayed graph reads each epoch's lr (a float baked in at capture would not)."""
     train, _ = data
     params = {}
     for fast in ("eager", "graph"):
         model = tiny_model(hidden=(64,), latent_dim=4)
         model.encoder.reparameterize = lambda mu, log_var, n=None: mu  # deterministic z
         result = fit(model, train[:150], epochs=3, batch_size=32, fast=fast, device="cuda", progress=False,
-                     tf32=False)  # 150 = 4 full batches (graph) + a partial one (eager) per epoch
+                     tf32=False, lr=1e-2, lr_final=lr_final)  # 150 = 4 full batches + a partial one per epoch
         assert result.fast == fast
         params[fast] = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
     diff = (params["graph"] - params["eager"]).abs()

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=_nonnegative_int, default=10, help="total epochs (default: %(default)s)")
     tr.add_argument("--batch-size", type=_positive_int, default=128, help="(default: %(default)s)")
     tr.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    tr.add_argument("--lr-final", type=_positive_float, default=None,
+                    help="decay the learning rate geometrically to this value in the last epoch (default: constant)")
     tr.add_argument("--beta", type=float, default=1.0, help="KL weight (default: %(default)s)")
     tr.add_argument("--warmup-epochs", type=_nonnegative_int, default=0,
                     help="linear KL warm-up from 0 to beta over this many epochs (default: %(default)s)")
@@ -167,7 +169,8 @@ def cmd_train(args) -> int:
                 "command": "python -m vaelib " + shlex.join(args.argv)}
     try:
         result = fit(model, train_x, test_x, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     beta=args.beta, warmup_epochs=args.warmup_epochs, binarize=args.binarize == "dynamic",
+                     lr_final=args.lr_final, beta=args.beta, warmup_epochs=args.warmup_epochs,
+                     binarize=args.binarize == "dynamic",
                      device=device, seed=args.seed, out_dir=args.out, resume=args.resume, fast=args.fast,
                      progress=not args.no_progress, checkpoint_every=args.checkpoint_every, kl=args.kl,
                      run_info=run_info)

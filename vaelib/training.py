@@ -221,25 +221,53 @@ def _resolve_fast(fast, device: torch.device, resident: bool, custom_optimizer: 
     return fast
 
 
-def _make_adam(model: nn.Module, lr: float, mode: str) -> torch.optim.Optimizer:
+def _make_adam(model: nn.Module, lr: float, mode: str, scheduled: bool = False) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if mode.startswith("graph"):
         # Captured inside the graph: the step counter must live on the device (capturable). The fused kernel
         # replaces ~a dozen foreach kernels per step; older torch versions without it fall back to foreach.
+        # A float lr is baked into the captured kernels, so a schedule needs the lr as a device tensor that
+        # _set_lr overwrites in place between replays.
+        device = params[0].device
+        graph_lr = torch.tensor(lr, dtype=torch.float32, device=device) if scheduled else lr
         try:
-            return torch.optim.Adam(params, lr=lr, capturable=True, fused=True)
+            return torch.optim.Adam(params, lr=graph_lr, capturable=True, fused=True)
         except (RuntimeError, ValueError, TypeError):
-            return torch.optim.Adam(params, lr=lr, capturable=True, foreach=True)
+            return torch.optim.Adam(params, lr=graph_lr, capturable=True, foreach=True)
     return torch.optim.Adam(params, lr=lr)
+
+
+def lr_at_epoch(epoch: int, epochs: int, lr: float, lr_final: float | None) -> float:
+    """The step size of ``epoch`` (1-based): constant ``lr``, or with ``lr_final`` a geometric decay from ``lr`` in
+    the first epoch to ``lr_final`` in the last. A function of the epoch alone, so a resumed run follows it too."""
+    if lr_final is None or epochs <= 1:
+        return lr
+    return lr * (lr_final / lr) ** ((epoch - 1) / (epochs - 1))
+
+
+def _set_lr(opt: torch.optim.Optimizer, value: float) -> None:
+    for group in opt.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(value)  # in place: a captured CUDA graph reads this tensor
+        else:
+            group["lr"] = value
 
 
 def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
     """Load a saved optimizer state but keep this optimizer's implementation flags (capturable/fused/foreach),
     so a checkpoint from the CPU resumes on the CUDA-graph path and back."""
     flags = [{k: g.get(k) for k in ("capturable", "fused", "foreach")} for g in opt.param_groups]
+    lrs = [g["lr"] for g in opt.param_groups]
     opt.load_state_dict(state)
-    for group, saved in zip(opt.param_groups, flags, strict=True):
+    for group, saved, lr in zip(opt.param_groups, flags, lrs, strict=True):
         group.update(saved)
+        # Keep this optimizer's kind of lr: a device tensor on the graph path, a float elsewhere.
+        value = float(group["lr"])
+        if isinstance(lr, Tensor):
+            group["lr"] = lr
+            lr.fill_(value)
+        else:
+            group["lr"] = value
         for p in group["params"]:
             st = opt.state.get(p, {})
             if "step" in st and isinstance(st["step"], Tensor):
@@ -419,6 +447,7 @@ def fit(
     epochs: int = 10,
     batch_size: int = 128,
     lr: float = 1e-3,
+    lr_final: float | None = None,
     beta: float = 1.0,
     warmup_epochs: int = 0,
     binarize: bool = False,
@@ -440,6 +469,8 @@ def fit(
     """Train ``model`` on ``train_x`` (N, input_dim) by minimising -(rec - beta_t * kl), with Adam.
 
     epochs: the total number of epochs (when resuming, training continues up to this number).
+    lr, lr_final: Adam's step size; with lr_final it decays geometrically from lr (first epoch) to lr_final (last
+      epoch), also for an ``optimizer`` factory's optimizer (:func:`lr_at_epoch`).
     beta, warmup_epochs: the KL weight and its linear warm-up (:func:`vaelib.objectives.kl_warmup`).
     binarize: True redraws Bernoulli(x) binary data every epoch (Burda et al. 2015); data must be in [0, 1].
     device: None picks cuda > mps > cpu (:func:`vaelib.config.select_device`).
@@ -461,8 +492,9 @@ def fit(
                              ("checkpoint_every", checkpoint_every, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    for name, value in (("lr", lr), ("lr_final", lr_final)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta!r}")
     if kl not in KL_ESTIMATORS:
@@ -487,7 +519,10 @@ def fit(
     data_dev = dev if resident else torch.device("cpu")
     train_data = train_x.to(data_dev)
     mode = _resolve_fast(fast, dev, resident, optimizer is not None)
-    opt = optimizer(model.parameters()) if optimizer is not None else _make_adam(model, lr, mode)
+    if optimizer is not None:
+        opt = optimizer(model.parameters())
+    else:
+        opt = _make_adam(model, lr, mode, scheduled=lr_final is not None)
 
     torch.manual_seed(seed)
     perm_gen = torch.Generator().manual_seed(seed)
@@ -501,8 +536,8 @@ def fit(
     run_dir = Path(out_dir) if out_dir is not None else None
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     config = dict(getattr(model, "config", {}) or {})
-    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, beta=beta, warmup_epochs=warmup_epochs,
-                    binarize=bool(binarize), seed=seed, kl=kl, n_train=n_train)
+    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_final=lr_final, beta=beta,
+                    warmup_epochs=warmup_epochs, binarize=bool(binarize), seed=seed, kl=kl, n_train=n_train)
     history: list[dict] = []
     start_epoch = 0
     if resume:
@@ -553,6 +588,9 @@ def fit(
         for epoch in range(start_epoch + 1, epochs + 1):
             good_params = _clone_tree(model.state_dict())
             beta_e = kl_warmup(epoch, warmup_epochs, beta)
+            if lr_final is not None:
+                _set_lr(opt, lr_at_epoch(epoch, epochs, lr, lr_final))
+            lr_e = float(opt.param_groups[0]["lr"])  # what this epoch uses (also a custom optimizer's)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
@@ -571,7 +609,7 @@ def fit(
                          else "none written (no out_dir)")
                 raise TrainingDivergedError(
                     f"training diverged: the loss became NaN or infinite in epoch {epoch}, {step_txt} "
-                    f"(lr={lr}, beta={beta_e:g}); the model was restored to the end of epoch {epoch - 1}; "
+                    f"(lr={lr_e:g}, beta={beta_e:g}); the model was restored to the end of epoch {epoch - 1}; "
                     f"last good checkpoint: {where}. Try a smaller learning rate.",
                     epoch, bad_step + 1, ckpt_path if ckpt_path is not None else None, history)
             rec_mean, kl_mean = acc_host[0] / n_train, acc_host[1] / n_train
@@ -581,7 +619,7 @@ def fit(
                 model.eval()
                 ev = evaluate_elbo(model, test_x, batch_size=eval_batch_size, kl=kl)
                 row.update(test_elbo=ev["elbo"], test_rec=ev["rec"], test_kl=ev["kl"])
-            row.update(beta=beta_e, seconds=seconds[-1])
+            row.update(beta=beta_e, lr=lr_e, seconds=seconds[-1])
             history.append(row)
             if bar is not None:
                 post = {"loss": f"{row['train_loss']:.2f}", "kl": f"{kl_mean:.2f}"}
