@@ -92,6 +92,22 @@ def test_resume_is_bit_for_bit(tmp_path, data):
     assert without_seconds(straight.history) == without_seconds(resumed.history)
 
 
+def test_dynamic_binarisation_draws_bernoulli_pixels_every_epoch():
+    """binarize=True shows the encoder 0/1 pixels with P(1) = the grey level, a new draw each epoch."""
+    grey = torch.tensor([0.1, 0.9]).repeat_interleave(392)
+    train = grey.expand(160, 784).clone()  # identical rows: the shuffle cannot move a pixel's grey level
+    model = tiny_model()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    fit(model, train, epochs=2, batch_size=160, lr=1e-12, binarize=True, progress=False)  # one batch per epoch
+    first, second = seen
+    assert set(torch.unique(first).tolist()) == {0.0, 1.0} and not torch.equal(first, second)
+    for batch in (first, second):
+        for level, pixels in ((0.1, batch[:, :392]), (0.9, batch[:, 392:])):
+            se = (level * (1 - level) / pixels.numel()) ** 0.5
+            assert abs(pixels.mean().item() - level) < 4 * se, (level, pixels.mean().item())
+
+
 def test_lr_schedule_decays_geometrically_to_lr_final(data):
     train, _ = data
     result = fit(tiny_model(), train, epochs=5, batch_size=32, lr=1e-2, lr_final=1e-4, progress=False)
