@@ -3,7 +3,9 @@
 Setting (one process, one device): Fashion-MNIST, 784-400-20 MLP (ReLU; Bernoulli decoder, sigmoid mean),
 batch 128, Adam 1e-3, BCE + analytic KL, dynamically (default) or statically binarised. For each trainer:
 seconds per epoch (median of the timed epochs after one warm-up epoch), the ratio to the DataLoader loop, and
-the final test -ELBO. Then the IWAE (k = 5000) negative log-likelihood of the test images, timed; on a CPU
+the final test -ELBO. On a CPU the trainers take turns, one epoch each (``--interleave``), so that load from
+other processes falls on all of them alike; vaelib's run resumes from its checkpoint for each epoch, which on
+the CPU continues bit for bit. Then the IWAE (k = 5000) negative log-likelihood of the test images, timed; on a CPU
 ``--iwae-images N`` evaluates N images and extrapolates the time to 10,000 (labelled as such).
 
     python benchmarks/train_speed.py                    # writes benchmarks/results/<device-slug>.json
@@ -18,6 +20,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,28 +72,50 @@ def new_model(device: torch.device):
                      likelihood="bernoulli").to(device)
 
 
-def dataloader_loop(train_x: Tensor, device, epochs: int, batch_size: int, dynamic: bool):
-    """The typical tutorial: TensorDataset + DataLoader(shuffle=True), batches moved to the device."""
+def dataloader_epochs(train_x: Tensor, device, batch_size: int, dynamic: bool):
+    """The typical tutorial: TensorDataset + DataLoader(shuffle=True), batches moved to the device.
+
+    A generator: each ``next`` trains one epoch and yields (model, seconds). Its random numbers come from its own
+    saved RNG state, so running other trainers between its epochs does not change its trajectory."""
     model = new_model(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(train_x), batch_size=batch_size, shuffle=True,
                         pin_memory=device.type == "cuda")
-    torch.manual_seed(0)
-    seconds = []
-    for _ in range(epochs):
-        sync(device)
-        t0 = time.perf_counter()
-        for (xb,) in loader:
-            xb = xb.to(device, non_blocking=True)
-            if dynamic:
-                xb = torch.bernoulli(xb)
-            loss = elbo(model, xb).loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sync(device)
-        seconds.append(time.perf_counter() - t0)
-    return model, seconds
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if devices else None)
+    while True:
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(rng[0])
+            if devices:
+                torch.cuda.set_rng_state(rng[1], device)
+            sync(device)
+            t0 = time.perf_counter()
+            for (xb,) in loader:
+                xb = xb.to(device, non_blocking=True)
+                if dynamic:
+                    xb = torch.bernoulli(xb)
+                loss = elbo(model, xb).loss()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sync(device)
+            seconds = time.perf_counter() - t0
+            rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if devices else None)
+        yield model, seconds
+
+
+def vaelib_epochs(train_x, device, batch_size: int, dynamic: bool, fast: str, run_dir: Path):
+    """vaelib's fit, one epoch per ``next``: each call resumes the run in ``run_dir`` (exactly, on the CPU) and
+    yields (model, the epoch's seconds as fit measured them, the path fit took)."""
+    model = new_model(device)
+    epoch = 0
+    while True:
+        epoch += 1
+        result = fit(model, train_x, epochs=epoch, batch_size=batch_size, lr=1e-3, binarize=dynamic,
+                     device=device, fast=fast, progress=False, seed=0, out_dir=run_dir, resume=epoch > 1)
+        yield result.model, result.seconds_per_epoch[-1], result.fast
 
 
 def vaelib_fit(train_x, device, epochs: int, batch_size: int, dynamic: bool, fast: str):
@@ -123,6 +148,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); on a busy shared CPU, 1 avoids "
                              "threads spinning while waiting for each other")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                        help="alternate the trainers epoch by epoch (default: on a CPU, where other processes share "
+                             "the cores; on a GPU each trainer runs its epochs in one go)")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<device-slug>.json)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -144,25 +172,56 @@ def main(argv=None) -> int:
 
     rows = {}
 
+    record_model = {}
+
     def record(name, model, seconds, path=None):
+        record_model[name] = model
         timed = seconds[1:]
         rows[name] = {"path": path, "seconds_per_epoch": statistics.median(timed),
                       "epoch_seconds": [round(s, 4) for s in seconds], "test_neg_elbo": test_neg_elbo(model, test)}
         print(f"  {name:<22} {rows[name]['seconds_per_epoch']:8.3f} s/epoch   test -ELBO "
               f"{rows[name]['test_neg_elbo']:.2f}", flush=True)
-        return model
 
-    record("dataloader_loop", *dataloader_loop(train, device, total, args.batch_size, dynamic))
-    model, seconds, path = vaelib_fit(train, device, total, args.batch_size, dynamic, "auto")
-    default_model = record("vaelib_default", model, seconds, path)
-    if fastest == path:
-        rows["vaelib_fastest"] = dict(rows["vaelib_default"], note="the default path is the fastest here")
+    default_path = "graph" if device.type == "cuda" else "eager"  # what fit(fast="auto") takes (see fit)
+    interleave = device.type == "cpu" if args.interleave is None else args.interleave
+    if interleave:
+        # One epoch of each trainer in turn (order reversed every other round), so that load from other
+        # processes on a shared machine falls on all of them alike instead of on whichever ran at the time.
+        with tempfile.TemporaryDirectory() as tmp:
+            trainers = {"dataloader_loop": dataloader_epochs(train, device, args.batch_size, dynamic),
+                        "vaelib_default": vaelib_epochs(train, device, args.batch_size, dynamic, "auto",
+                                                        Path(tmp) / "default")}
+            if fastest != default_path:
+                trainers["vaelib_fastest"] = vaelib_epochs(train, device, args.batch_size, dynamic, fastest,
+                                                           Path(tmp) / "fastest")
+            seconds = {name: [] for name in trainers}
+            last = {}
+            for epoch in range(total):
+                for name in (list(trainers) if epoch % 2 == 0 else list(reversed(trainers))):
+                    last[name] = next(trainers[name])
+                    seconds[name].append(last[name][1])
+            for name in trainers:
+                record(name, last[name][0], seconds[name], last[name][2] if len(last[name]) > 2 else None)
     else:
-        model, seconds, path = vaelib_fit(train, device, total, args.batch_size, dynamic, fastest)
-        record("vaelib_fastest", model, seconds, path)
+        loop = dataloader_epochs(train, device, args.batch_size, dynamic)
+        epochs = [next(loop) for _ in range(total)]
+        record("dataloader_loop", epochs[-1][0], [s for _, s in epochs])
+        record("vaelib_default", *vaelib_fit(train, device, total, args.batch_size, dynamic, "auto"))
+        if fastest != default_path:
+            record("vaelib_fastest", *vaelib_fit(train, device, total, args.batch_size, dynamic, fastest))
+    default_model = record_model["vaelib_default"]
+    if "vaelib_fastest" not in rows:
+        rows["vaelib_fastest"] = dict(rows["vaelib_default"], note="the default path is the fastest here")
     base = rows["dataloader_loop"]["seconds_per_epoch"]
+    loop_epochs = rows["dataloader_loop"]["epoch_seconds"][1:]
     for row in rows.values():
         row["ratio_to_dataloader"] = row["seconds_per_epoch"] / base
+        if interleave:
+            # Epochs run back to back in the same round share the machine's state: their ratio is the fairer
+            # comparison when the machine's speed drifts during the run.
+            paired = [a / b for a, b in zip(row["epoch_seconds"][1:], loop_epochs, strict=True)]
+            row["paired_ratio_median"] = statistics.median(paired)
+            row["rounds_faster_than_dataloader"] = sum(r < 1 for r in paired)
 
     n_iwae = args.iwae_images or (len(test) if device.type == "cuda" else 100)
     n_iwae = min(n_iwae, len(test))
@@ -184,6 +243,11 @@ def main(argv=None) -> int:
     for name, row in rows.items():
         print(f"| {name} | {row['path'] or 'DataLoader'} | {row['seconds_per_epoch']:.3f} | "
               f"{row['ratio_to_dataloader']:.2f} | {row['test_neg_elbo']:.2f} |")
+    if interleave:
+        for name, row in rows.items():
+            if name != "dataloader_loop":
+                print(f"{name}: median per-round ratio to the DataLoader loop {row['paired_ratio_median']:.2f}; "
+                      f"faster in {row['rounds_faster_than_dataloader']} of {args.epochs} rounds")
 
     result = {
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
@@ -191,7 +255,8 @@ def main(argv=None) -> int:
         "settings": {"dataset": "fashion-mnist", "model": "784-400-20 MLP, ReLU, Bernoulli decoder",
                      "batch_size": args.batch_size, "optimizer": "Adam(lr=1e-3)", "loss": "BCE + analytic KL",
                      "binarize": args.binarize, "epochs_timed": args.epochs, "warmup_epochs": 1,
-                     "statistic": "median seconds per timed epoch", "threads": torch.get_num_threads()},
+                     "statistic": "median seconds per timed epoch", "threads": torch.get_num_threads(),
+                     "interleaved": interleave},
         "trainers": rows, "iwae": iwae,
     }
     out = Path(args.out) if args.out else RESULTS / f"{slug(device)}.json"
