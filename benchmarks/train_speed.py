@@ -75,7 +75,7 @@ def new_model(device: torch.device):
 def dataloader_epochs(train_x: Tensor, device, batch_size: int, dynamic: bool):
     """The typical tutorial: TensorDataset + DataLoader(shuffle=True), batches moved to the device.
 
-    A generator: each ``next`` trains one epoch and yields (model, seconds). Its random numbers come from its own
+    A generator: each ``next`` trains one epoch and yields (model, seconds, None). Its random numbers come from its own
     saved RNG state, so running other trainers between its epochs does not change its trajectory."""
     model = new_model(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -103,7 +103,7 @@ def dataloader_epochs(train_x: Tensor, device, batch_size: int, dynamic: bool):
             sync(device)
             seconds = time.perf_counter() - t0
             rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if devices else None)
-        yield model, seconds
+        yield model, seconds, None
 
 
 def vaelib_epochs(train_x, device, batch_size: int, dynamic: bool, fast: str, run_dir: Path):
@@ -170,12 +170,10 @@ def main(argv=None) -> int:
     print(f"device: {device_name(device)}; torch {torch.__version__}; {total} epochs each (first = warm-up)",
           flush=True)
 
-    rows = {}
-
-    record_model = {}
+    rows, models = {}, {}
 
     def record(name, model, seconds, path=None):
-        record_model[name] = model
+        models[name] = model
         timed = seconds[1:]
         rows[name] = {"path": path, "seconds_per_epoch": statistics.median(timed),
                       "epoch_seconds": [round(s, 4) for s in seconds], "test_neg_elbo": test_neg_elbo(model, test)}
@@ -201,15 +199,15 @@ def main(argv=None) -> int:
                     last[name] = next(trainers[name])
                     seconds[name].append(last[name][1])
             for name in trainers:
-                record(name, last[name][0], seconds[name], last[name][2] if len(last[name]) > 2 else None)
+                record(name, last[name][0], seconds[name], last[name][2])
     else:
         loop = dataloader_epochs(train, device, args.batch_size, dynamic)
         epochs = [next(loop) for _ in range(total)]
-        record("dataloader_loop", epochs[-1][0], [s for _, s in epochs])
+        record("dataloader_loop", epochs[-1][0], [s for _, s, _ in epochs])
         record("vaelib_default", *vaelib_fit(train, device, total, args.batch_size, dynamic, "auto"))
         if fastest != default_path:
             record("vaelib_fastest", *vaelib_fit(train, device, total, args.batch_size, dynamic, fastest))
-    default_model = record_model["vaelib_default"]
+    default_model = models["vaelib_default"]
     if "vaelib_fastest" not in rows:
         rows["vaelib_fastest"] = dict(rows["vaelib_default"], note="the default path is the fastest here")
     base = rows["dataloader_loop"]["seconds_per_epoch"]
