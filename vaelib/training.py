@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -151,8 +152,6 @@ def _write_history(out_dir: Path, history: list[dict]) -> None:
         keys += [k for k in row if k not in keys]
 
     def write_csv(fh) -> None:
-        import io
-
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=keys)
         writer.writeheader()
@@ -282,6 +281,14 @@ def _batch_loss(model, xb: Tensor, beta, kl: str) -> tuple[Tensor, Tensor, Tenso
     return terms.loss(), terms.rec.sum(), terms.kl.sum()
 
 
+@torch.no_grad()
+def _tally(acc: Tensor, bad: Tensor, loss: Tensor, rec_sum: Tensor, kl_sum: Tensor, step_index) -> None:
+    """Add a batch's sums to ``acc`` and remember in ``bad`` the first step whose loss was not finite, all on the
+    device (no host sync per step; ``step_index`` may be a device tensor, as inside a CUDA graph)."""
+    acc += torch.stack([rec_sum.detach(), kl_sum.detach()])
+    bad.copy_(torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step_index, bad))
+
+
 class _EagerStepper:
     """One optimizer step per batch in plain PyTorch; losses are accumulated on the device (one sync per epoch)."""
 
@@ -289,15 +296,13 @@ class _EagerStepper:
         self.model, self.opt, self.kl, self.batch_size, self.device = model, opt, kl, batch_size, device
         self.loss_fn = torch.compile(_batch_loss, dynamic=False) if compile_loss else _batch_loss
 
-    def step(self, xb: Tensor, beta: Tensor, acc: Tensor, bad: Tensor, step_index: int) -> None:
+    def step(self, xb: Tensor, beta: Tensor, acc: Tensor, bad: Tensor, step_index: int,
+             set_to_none: bool = True) -> None:
         loss, rec_sum, kl_sum = self.loss_fn(self.model, xb, beta, self.kl)
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=set_to_none)
         loss.backward()
         self.opt.step()
-        with torch.no_grad():
-            acc += torch.stack([rec_sum.detach(), kl_sum.detach()])
-            # Remember the first step whose loss was not finite, without a host sync per step.
-            bad.copy_(torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step_index, bad))
+        _tally(acc, bad, loss, rec_sum, kl_sum, step_index)
 
     def run_epoch(self, data: Tensor, perm: Tensor, beta: float) -> tuple[Tensor, Tensor]:
         acc = torch.zeros(2, device=self.device, dtype=torch.float64)
@@ -343,9 +348,8 @@ class _GraphStepper(_EagerStepper):
         loss, rec_sum, kl_sum = self.graph_loss_fn(self.model, xb, self.beta, self.kl)
         loss.backward()  # grads are None at capture, so backward writes them: no zero_grad kernel per step
         self.opt.step()
+        _tally(self.acc, self.bad, loss, rec_sum, kl_sum, self.counter)
         with torch.no_grad():
-            self.acc += torch.stack([rec_sum.detach(), kl_sum.detach()])
-            self.bad.copy_(torch.where((self.bad < 0) & ~torch.isfinite(loss.detach()), self.counter, self.bad))
             self.counter += 1
 
     def _capture(self) -> None:
@@ -412,13 +416,8 @@ class _GraphStepper(_EagerStepper):
         rest = perm[self.n_full * self.batch_size:]
         if len(rest):
             # Grads are the graph's static buffers; zero them in place (not None) so that the graph keeps them.
-            loss, rec_sum, kl_sum = _batch_loss(self.model, self.data.index_select(0, rest), self.beta, self.kl)
-            self.opt.zero_grad(set_to_none=False)
-            loss.backward()
-            self.opt.step()
-            with torch.no_grad():
-                self.acc += torch.stack([rec_sum.detach(), kl_sum.detach()])
-                self.bad.copy_(torch.where((self.bad < 0) & ~torch.isfinite(loss.detach()), self.n_full, self.bad))
+            self.step(self.data.index_select(0, rest), self.beta, self.acc, self.bad, self.n_full,
+                      set_to_none=False)
         return self.acc.clone(), self.bad.clone()
 
 
