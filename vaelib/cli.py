@@ -192,7 +192,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from vaelib.evaluation import active_units, evaluate_elbo, iwae_nll, kl_per_dimension
-    from vaelib.training import load_run
+    from vaelib.training import atomic_write, load_run
 
     run = load_run(args.run_dir, device=_device(args.device))
     info = run.run.get("run_info", {})
@@ -221,7 +221,7 @@ def cmd_eval(args) -> int:
         print(f"  IWAE NLL (k={args.iwae_k}, {results['iwae_images']} images)  {results['iwae_nll']:.3f} nats")
     print(f"  active units     {count} of {model.latent_dim} (Var_x E_q[z_j] > 0.01)")
     out = Path(args.run_dir) / "eval.json"
-    out.write_text(json.dumps(results, indent=1))
+    atomic_write(out, lambda fh: fh.write(json.dumps(results, indent=1).encode()))  # never a torn eval.json
     print(f"  written to {out}")
     return EXIT_OK
 
