@@ -15,6 +15,8 @@ STAMP := $(VENV)/.vaelib-installed
 NB ?= $(basename $(notdir $(wildcard notebooks/*.md)))
 # This machine's pip configuration prints one warning per package about absent local indexes: drop those lines.
 QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
+# Tests, notebooks and the book import this checkout's vaelib, whichever checkout the venv was installed from.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
 .PHONY: book test notebooks data venv lint pairs unit nbval book-strict benchmark scrub clean
 
