@@ -128,14 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(text: str | None):
-    import torch
+    """The --device, checked now (a missing one is a DeviceUnavailableError, a ValueError: one line, exit 2)."""
+    from vaelib.config import select_device
 
-    if text is None:
-        return None
-    try:
-        return torch.device(text)
-    except RuntimeError as err:
-        raise ValueError(f"bad --device {text!r}: {err}") from None
+    return None if text is None else select_device(text)
 
 
 def _load_images(dataset: str, split: str, root, binarize: str, seed: int, size: int | None):

@@ -20,10 +20,54 @@ def pick(full, quick):
     return quick if quick_mode() else full
 
 
+#: Environment variable naming the device that ``select_device()`` (no argument) returns, e.g. "cpu": the test
+#: suite sets it so that it runs the same on a GPU machine; a reader can set it to keep a GPU runtime on the CPU.
+DEVICE_ENV = "VAELIB_DEVICE"
+
+
+class DeviceUnavailableError(ValueError):
+    """The requested device does not exist on this machine; the message names the ones that do."""
+
+
+def available_devices() -> list[str]:
+    """The devices this machine offers, e.g. ["cpu", "cuda:0", "cuda:1"]."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def _check_available(device: torch.device) -> torch.device:
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        ok = torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        ok = mps is not None and mps.is_available()
+    else:
+        return device  # other backends (xpu, ...): torch itself says whether they work
+    if not ok:
+        raise DeviceUnavailableError(f"device {str(device)!r} is not available here; available: "
+                                     f"{', '.join(available_devices())}")
+    return device
+
+
 def select_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to run on: an explicit choice wins, else CUDA, then Apple's MPS, then the CPU."""
+    """The device to run on: an explicit choice wins, then ``$VAELIB_DEVICE``, else CUDA, then Apple's MPS, then
+    the CPU. A device that is not there raises :class:`DeviceUnavailableError` naming the available ones."""
+    if device is None:
+        device = os.environ.get(DEVICE_ENV, "").strip() or None
     if device is not None:
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise DeviceUnavailableError(f"not a device: {device!r} ({err}); available: "
+                                         f"{', '.join(available_devices())}") from None
+        return _check_available(chosen)
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)

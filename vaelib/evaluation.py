@@ -8,21 +8,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vaelib.models import check_input
-from vaelib.objectives import default_chunk, elbo, iwae_bound
-
-
-def _model_device(model) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+from vaelib.models import check_input, model_device, model_dtype
+from vaelib.objectives import default_chunk, default_max_elements, elbo, iwae_bound
 
 
 def _batches(model, x: Tensor, batch_size: int):
+    """``x`` in batches on the model's device and in its dtype (so ``x`` may live anywhere)."""
     check_input(x, model.input_dim)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _model_device(model)
-    dtype = next(model.parameters()).dtype
+    device, dtype = model_device(model), model_dtype(model)
     for start in range(0, len(x), batch_size):
         yield x[start:start + batch_size].to(device=device, dtype=dtype, non_blocking=True)
 
@@ -30,17 +25,12 @@ def _batches(model, x: Tensor, batch_size: int):
 @torch.no_grad()
 def evaluate_elbo(model, x: Tensor, batch_size: int = 1000, kl: str = "analytic") -> dict[str, float]:
     """Mean ELBO, reconstruction term and KL over ``x`` (one reparameterised sample per example)."""
-    sums = torch.zeros(3, dtype=torch.float64, device=_model_device(model))
+    sums = torch.zeros(3, dtype=torch.float64, device=model_device(model))
     for xb in _batches(model, x, batch_size):
         t = elbo(model, xb, kl=kl)
         sums += torch.stack([t.elbo.sum(), t.rec.sum(), t.kl.sum()]).double()
     means = (sums / max(1, len(x))).tolist()
     return dict(zip(("elbo", "rec", "kl"), means, strict=True))
-
-
-def _default_max_elements(device: torch.device) -> int:
-    # One (chunk, batch, input_dim) float32 tensor: 512 MiB on a GPU, 64 MiB on a CPU (a few are alive at once).
-    return 2**27 if device.type == "cuda" else 2**24
 
 
 @torch.no_grad()
@@ -49,10 +39,11 @@ def iwae_bounds(model, x: Tensor, k: int = 5000, batch_size: int | None = None,
     """The IWAE bound of every example (shape (N,), float64 on the CPU), memory-bounded.
 
     Examples go ``batch_size`` at a time, samples in chunks of at most ``max_elements`` decoder outputs
-    (see :func:`vaelib.objectives.iwae_bound`), so k = 5000 needs no more memory than k = 50.
+    (default :func:`vaelib.objectives.default_max_elements`; see :func:`vaelib.objectives.iwae_bound`), so
+    k = 5000 needs no more memory than k = 50.
     """
-    device = _model_device(model)
-    max_elements = max_elements or _default_max_elements(device)
+    device = model_device(model)
+    max_elements = max_elements or default_max_elements(device)
     if batch_size is None:
         # Enough examples per batch to keep the device busy, few enough that a chunk holds >= 64 samples.
         batch_size = max(1, min(len(x), max_elements // (64 * model.input_dim), 1000))
@@ -108,7 +99,7 @@ def samples(model, n: int, seed: int | None = 0) -> Tensor:
     """n decoder means at prior draws (seeded), (n, input_dim) on the CPU."""
     gen = None
     if seed is not None:
-        gen = torch.Generator(device=_model_device(model)).manual_seed(seed)
+        gen = torch.Generator(device=model_device(model)).manual_seed(seed)
     return model.sample(n, generator=gen).cpu()
 
 

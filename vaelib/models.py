@@ -14,6 +14,7 @@ Densities come from :mod:`vaelib.distributions`, the one home for each formula.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -57,7 +58,14 @@ def check_input(x: object, input_dim: int, name: str = "x", dtype: torch.dtype |
     return x
 
 
-def _param_dtype(module: nn.Module) -> torch.dtype | None:
+def model_device(module: nn.Module) -> torch.device:
+    """Where a model's parameters (else its buffers) live; the CPU for a module with neither."""
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def model_dtype(module: nn.Module) -> torch.dtype | None:
+    """The floating-point dtype of a model's parameters (None for a module without parameters)."""
     p = next(module.parameters(), None)
     return None if p is None else p.dtype
 
@@ -94,7 +102,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, log_var), each (batch, latent_dim)."""
-        check_input(x, self.input_dim, dtype=_param_dtype(self))
+        check_input(x, self.input_dim, dtype=model_dtype(self))
         return self.stats(x)
 
     @staticmethod
@@ -439,5 +447,5 @@ def build_vae(
 __all__ = [
     "ACTIVATIONS", "ARCHS", "LIKELIHOODS", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "ConvEncoder",
     "Decoder", "Encoder", "GaussianLikelihood", "Likelihood", "LinearEncoder", "MLPEncoder", "StandardNormalPrior",
-    "VAE", "build_vae", "check_input", "make_likelihood", "mlp",
+    "VAE", "build_vae", "check_input", "make_likelihood", "mlp", "model_device", "model_dtype",
 ]

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from vaelib.distributions import log_normal_diag
+from vaelib.models import model_device
 
 KL_ESTIMATORS = ("analytic", "mc")
 
@@ -38,6 +39,12 @@ class ElboTerms:
         return {"elbo": self.elbo.mean().item(), "rec": self.rec.mean().item(), "kl": self.kl.mean().item()}
 
 
+def to_model(model, x: Tensor) -> Tensor:
+    """``x`` on the model's device (a no-op when it is there already): data from any device is accepted."""
+    device = model_device(model)
+    return x if x.device == device else x.to(device)
+
+
 def elbo(model, x: Tensor, beta: float | Tensor = 1.0, kl: str = "analytic", n_samples: int = 1) -> ElboTerms:
     """ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) per example, with reparameterised samples.
 
@@ -46,6 +53,7 @@ def elbo(model, x: Tensor, beta: float | Tensor = 1.0, kl: str = "analytic", n_s
     """
     if kl not in KL_ESTIMATORS:
         raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
+    x = to_model(model, x)
     mu, log_var = model.encoder(x)
     z = model.encoder.reparameterize(mu, log_var, None if n_samples == 1 else n_samples)
     rec = model.decoder.log_prob(x, z)
@@ -75,24 +83,32 @@ def log_importance_weights(model, x: Tensor, k: int, stats: tuple[Tensor, Tensor
     return model.decoder.log_prob(x, z) + model.prior.log_prob(z) - log_normal_diag(z, mu, log_var)
 
 
-def default_chunk(k: int, batch: int, input_dim: int, max_elements: int = 2**25) -> int:
+def default_max_elements(device: torch.device) -> int:
+    """The IWAE memory bound: decoder outputs in one (chunk, batch, input_dim) tensor, 2^27 (512 MiB of float32)
+    on a GPU, 2^24 (64 MiB) elsewhere; a few such tensors are alive at once."""
+    return 2**27 if device.type == "cuda" else 2**24
+
+
+def default_chunk(k: int, batch: int, input_dim: int, max_elements: int) -> int:
     """Samples per chunk so that one (chunk, batch, input_dim) tensor stays under ``max_elements``."""
     return max(1, min(k, max_elements // max(1, batch * input_dim)))
 
 
-def iwae_bound(model, x: Tensor, k: int = 50, chunk: int | None = None, max_elements: int = 2**25) -> Tensor:
+def iwae_bound(model, x: Tensor, k: int = 50, chunk: int | None = None, max_elements: int | None = None) -> Tensor:
     """The IWAE bound (Burda et al. 2015) per example: log (1/k) sum_i w_i, with k samples.
 
-    Samples are drawn ``chunk`` at a time (default: as many as fit ``max_elements`` decoder outputs); each
+    Samples are drawn ``chunk`` at a time (default: as many as fit ``max_elements`` decoder outputs, by default
+    :func:`default_max_elements` of the model's device); each
     chunk is reduced with logsumexp and the chunks are combined with a second logsumexp, which is exact:
     logsumexp over all k = logsumexp over chunks of (logsumexp within chunk). k = 1 is the ELBO with a
     Monte-Carlo KL.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    x = to_model(model, x)
     stats = model.encoder(x)
     if chunk is None:
-        chunk = default_chunk(k, len(x), x.shape[-1], max_elements)
+        chunk = default_chunk(k, len(x), x.shape[-1], max_elements or default_max_elements(x.device))
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     partial = [torch.logsumexp(log_importance_weights(model, x, min(chunk, k - start), stats), dim=0)
@@ -100,5 +116,5 @@ def iwae_bound(model, x: Tensor, k: int = 50, chunk: int | None = None, max_elem
     return torch.logsumexp(torch.stack(partial), dim=0) - math.log(k)
 
 
-__all__ = ["ElboTerms", "KL_ESTIMATORS", "default_chunk", "elbo", "iwae_bound", "kl_warmup",
-           "log_importance_weights"]
+__all__ = ["ElboTerms", "KL_ESTIMATORS", "default_chunk", "default_max_elements", "elbo", "iwae_bound", "kl_warmup",
+           "log_importance_weights", "to_model"]

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from vaelib.evaluation import encode_means
+from vaelib.models import model_device
 
 
 def _to_images(images, image_shape: Sequence[int] | None) -> np.ndarray:
@@ -71,7 +72,7 @@ def plot_reconstructions(model, x: Tensor, n: int = 10, *, title: str = "Data (t
                          image_shape: Sequence[int] | None = None) -> Figure:
     """The first ``n`` images of ``x`` over their reconstructions (decoder means at the encoder means)."""
     x = x[:n]
-    device = next(model.parameters()).device
+    device = model_device(model)
     rec = model.reconstruct(x.to(device)).cpu()
     both = torch.cat([x.detach().cpu().float(), rec.float()])
     return image_grid(both, nrow=2, ncol=len(x), title=title, image_shape=image_shape)
@@ -90,7 +91,7 @@ def plot_latent_manifold(model, n: int = 15, *, dims: tuple[int, int] = (0, 1), 
         values = torch.distributions.Normal(0.0, 1.0).icdf(probs).float()
     else:
         values = torch.linspace(-span, span, n)
-    device = next(model.parameters()).device
+    device = model_device(model)
     z = torch.zeros(n * n, model.latent_dim)
     rows, cols = torch.meshgrid(values.flip(0), values, indexing="ij")  # z_1 increases upwards
     z[:, dims[0]] = cols.reshape(-1)
@@ -129,7 +130,7 @@ def plot_traversals(model, x: Tensor | None = None, *, z: Tensor | None = None, 
                     image_shape: Sequence[int] | None = None) -> Figure:
     """One row per latent dimension: decoder means as that coordinate sweeps [-span, span], the others fixed
     at the encoding of ``x[0]`` (or at ``z``, or at 0)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     if z is None:
         z = model.encoder(x[:1].to(device))[0][0] if x is not None else torch.zeros(model.latent_dim, device=device)
     z = z.reshape(-1).to(device)

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
 import os
 import tempfile
 import time
+import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from vaelib.config import select_device
+from vaelib.cuda_graph import GraphStepper
+from vaelib.data import dynamic_binarize
 from vaelib.evaluation import evaluate_elbo
-from vaelib.models import Likelihood, check_input
+from vaelib.models import VAE, Likelihood, check_input, model_dtype
 from vaelib.objectives import KL_ESTIMATORS, elbo, kl_warmup
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -41,6 +46,7 @@ HISTORY_CSV = "history.csv"
 RUN_JSON = "run.json"
 CHECKPOINT_FORMAT = 1
 FAST_MODES = ("auto", "eager", "graph", "compile", "graph-compile")
+GRAPH_MODES = ("graph", "graph-compile")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -76,6 +82,10 @@ class FitResult:
     out_dir: Path | None = None
     checkpoint: Path | None = None
     resumed_from: int = 0
+    #: one-off seconds before the first epoch's steps: "capture" (CUDA-graph warm-up and capture, including the
+    #: compilation under "graph-compile") and, under "compile", "compile" (the first, compiling call).
+    setup_seconds: dict = field(default_factory=dict)
+    tf32: bool = False
 
     def __repr__(self) -> str:
         last = self.history[-1] if self.history else {}
@@ -199,7 +209,28 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
     return nbytes < 2 * 2**30  # MPS and others: no query; MNIST-size data (~200 MB) fits
 
 
-def _resolve_fast(fast, device: torch.device, resident: bool, custom_optimizer: bool) -> str:
+def graph_safe(model: nn.Module) -> bool:
+    """Whether a CUDA-graph replay can stand in for running ``model``'s Python: a VAE built by ``build_vae`` (only
+    vaelib's and torch.nn's modules), with no hooks and no method replaced on an instance. A replay runs no Python,
+    so hooks, Python-side counters and ``.item()`` would be frozen at capture."""
+    if type(model) is not VAE or not getattr(model, "config", None):
+        return False
+    module_hooks = torch.nn.modules.module
+    if any(getattr(module_hooks, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks")):
+        return False
+    for m in model.modules():
+        if not type(m).__module__.startswith(("vaelib.models", "torch.nn.")):
+            return False
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return False
+        if any(isinstance(v, types.FunctionType | types.MethodType | functools.partial) for v in vars(m).values()):
+            return False
+    return not any(getattr(p, "_backward_hooks", None) for p in model.parameters())
+
+
+def _resolve_fast(fast, device: torch.device, resident: bool, custom_optimizer: bool, model: nn.Module) -> str:
     if fast is True:
         fast = "auto"
     if fast is False or fast is None:
@@ -208,8 +239,10 @@ def _resolve_fast(fast, device: torch.device, resident: bool, custom_optimizer: 
         raise ValueError(f"fast must be one of {FAST_MODES} (or True/False), got {fast!r}")
     if fast == "auto":
         # CUDA graphs remove the per-kernel launch cost that bounds this small model; on the CPU there is no
-        # launch cost to remove and compilation only adds time, so eager is the fast path there.
-        return "graph" if device.type == "cuda" and resident and not custom_optimizer else "eager"
+        # launch cost to remove and compilation only adds time, so eager is the fast path there. Only a model
+        # whose forward is plain tensor code is safe to replay (graph_safe).
+        safe = device.type == "cuda" and resident and not custom_optimizer and graph_safe(model)
+        return "graph" if safe else "eager"
     if fast in ("graph", "graph-compile"):
         why = ("it needs a CUDA device" if device.type != "cuda" else
                "it needs the data resident on the device" if not resident else
@@ -222,17 +255,20 @@ def _resolve_fast(fast, device: torch.device, resident: bool, custom_optimizer: 
 
 def _make_adam(model: nn.Module, lr: float, mode: str, scheduled: bool = False) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
     if mode.startswith("graph"):
         # Captured inside the graph: the step counter must live on the device (capturable). The fused kernel
         # replaces ~a dozen foreach kernels per step; older torch versions without it fall back to foreach.
         # A float lr is baked into the captured kernels, so a schedule needs the lr as a device tensor that
         # _set_lr overwrites in place between replays.
-        device = params[0].device
         graph_lr = torch.tensor(lr, dtype=torch.float32, device=device) if scheduled else lr
         try:
             return torch.optim.Adam(params, lr=graph_lr, capturable=True, fused=True)
         except (RuntimeError, ValueError, TypeError):
             return torch.optim.Adam(params, lr=graph_lr, capturable=True, foreach=True)
+    if device.type == "cuda":
+        # The graph path's fused kernel, uncaptured: every CUDA path makes the same updates.
+        return torch.optim.Adam(params, lr=lr, fused=True)
     return torch.optim.Adam(params, lr=lr)
 
 
@@ -274,11 +310,34 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
                 st["step"] = st["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
 
 
-# ------------------------------------------------------------------------------------------------ the steppers
+# ------------------------------------------------------------------------------------------------ the step
 def _batch_loss(model, xb: Tensor, beta, kl: str) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, sum of rec, sum of kl) of one batch; loss = mean of -(rec - beta * kl)."""
     terms = elbo(model, xb, beta=beta, kl=kl)
     return terms.loss(), terms.rec.sum(), terms.kl.sum()
+
+
+#: torch.compile's backend for fast="compile"/"graph-compile" (tests use "eager" to skip code generation).
+COMPILE_BACKEND = "inductor"
+
+
+def _compiled_loss() -> tuple[Callable, dict]:
+    """A torch.compile'd :func:`_batch_loss` of its own, and a dict that receives the seconds of its first call
+    (the compilation). Dynamo keys its cache and its recompile limit on the code object, so compiling the
+    module-level function would share one cache across every fit of a session; a copy of the code is new."""
+    fresh = types.FunctionType(_batch_loss.__code__.replace(), _batch_loss.__globals__, "_batch_loss")
+    compiled = torch.compile(fresh, dynamic=False, backend=COMPILE_BACKEND)
+    timing: dict = {}
+
+    def loss_fn(*args):
+        if "compile" in timing:
+            return compiled(*args)
+        t0 = time.perf_counter()
+        out = compiled(*args)
+        timing["compile"] = time.perf_counter() - t0
+        return out
+
+    return loss_fn, timing
 
 
 @torch.no_grad()
@@ -289,136 +348,57 @@ def _tally(acc: Tensor, bad: Tensor, loss: Tensor, rec_sum: Tensor, kl_sum: Tens
     bad.copy_(torch.where((bad < 0) & ~torch.isfinite(loss.detach()), step_index, bad))
 
 
-class _EagerStepper:
-    """One optimizer step per batch in plain PyTorch; losses are accumulated on the device (one sync per epoch)."""
-
-    def __init__(self, model, opt, kl: str, batch_size: int, device: torch.device, compile_loss: bool = False):
-        self.model, self.opt, self.kl, self.batch_size, self.device = model, opt, kl, batch_size, device
-        self.loss_fn = torch.compile(_batch_loss, dynamic=False) if compile_loss else _batch_loss
-
-    def step(self, xb: Tensor, beta: Tensor, acc: Tensor, bad: Tensor, step_index: int,
-             set_to_none: bool = True) -> None:
-        loss, rec_sum, kl_sum = self.loss_fn(self.model, xb, beta, self.kl)
-        self.opt.zero_grad(set_to_none=set_to_none)
-        loss.backward()
-        self.opt.step()
-        _tally(acc, bad, loss, rec_sum, kl_sum, step_index)
-
-    def run_epoch(self, data: Tensor, perm: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-        acc = torch.zeros(2, device=self.device, dtype=torch.float64)
-        bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        beta_t = torch.tensor(beta, device=self.device)
-        for step_index, start in enumerate(range(0, len(perm), self.batch_size)):
-            idx = perm[start:start + self.batch_size]
-            xb = data.index_select(0, idx).to(self.device, non_blocking=True)
-            self.step(xb, beta_t, acc, bad, step_index)
-        return acc, bad
+def train_step(model, opt, loss_fn, kl: str, xb: Tensor, beta: Tensor, acc: Tensor, bad: Tensor,
+               step_index) -> None:
+    """The training step, on every path: forward, backward, optimizer update, tally. Gradients are zero or None
+    on entry (the eager loop zeroes them; inside a CUDA graph backward writes them afresh)."""
+    loss, rec_sum, kl_sum = loss_fn(model, xb, beta, kl)
+    loss.backward()
+    opt.step()
+    _tally(acc, bad, loss, rec_sum, kl_sum, step_index)
 
 
-class _GraphStepper(_EagerStepper):
-    """The whole training step (batch gather, forward, backward, Adam) captured once in a CUDA graph and
-    replayed once per batch.
+def _gather(data: Tensor, idx: Tensor, device: torch.device) -> Tensor:
+    """The batch ``data[idx]`` on ``device``. Data kept on the host are gathered into pinned memory, so the copy to
+    a GPU runs asynchronously (the caching host allocator keeps the block until the copy is done)."""
+    if data.device == device:
+        return data.index_select(0, idx)
+    if device.type == "cuda":
+        out = torch.empty((len(idx), *data.shape[1:]), dtype=data.dtype, pin_memory=True)
+        return torch.index_select(data, 0, idx, out=out).to(device, non_blocking=True)
+    return data.index_select(0, idx).to(device)
 
-    Inside the graph nothing may depend on host values: the batch is gathered with index_select from a device-side
-    permutation buffer at a device-side step counter, beta is a device tensor, and the counter is incremented
-    by the graph itself. The last, partial batch of an epoch (other shape) runs eagerly on the same tensors.
-    """
 
-    def __init__(self, model, opt, kl: str, batch_size: int, device: torch.device, data: Tensor,
-                 compile_loss: bool = False):
-        super().__init__(model, opt, kl, batch_size, device, compile_loss=False)
-        n = len(data)
-        self.data = data  # static: dynamic binarisation writes into it in place
-        self.n_full = n // batch_size
-        self.perm = torch.arange(n, device=device)
-        self.counter = torch.zeros((), dtype=torch.long, device=device)
-        self.offsets = torch.arange(batch_size, device=device)
-        self.beta = torch.zeros((), device=device)
-        self.acc = torch.zeros(2, device=device, dtype=torch.float64)
-        self.bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.graph_loss_fn = torch.compile(_batch_loss, dynamic=False) if compile_loss else _batch_loss
-        self.graph = None
-        self.replay = None
-        if self.n_full > 0:
-            self._capture()
+def train_epoch(step, opt, data: Tensor, perm: Tensor, beta: float, batch_size: int,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+    """One epoch of eager training (pytorch/examples' ``train()``): the sums of rec and kl and the first step whose
+    loss was not finite (-1: none), accumulated on the device (one host sync per epoch, in fit)."""
+    acc = torch.zeros(2, device=device, dtype=torch.float64)
+    bad = torch.full((), -1, dtype=torch.long, device=device)
+    beta_t = torch.tensor(beta, device=device)
+    for step_index, idx in enumerate(perm.split(batch_size)):
+        xb = _gather(data, idx, device)
+        opt.zero_grad()
+        step(xb, beta_t, acc, bad, step_index)
+    return acc, bad
 
-    def _graph_body(self) -> None:
-        idx = self.perm.index_select(0, self.counter * self.batch_size + self.offsets)
-        xb = self.data.index_select(0, idx)
-        loss, rec_sum, kl_sum = self.graph_loss_fn(self.model, xb, self.beta, self.kl)
-        loss.backward()  # grads are None at capture, so backward writes them: no zero_grad kernel per step
-        self.opt.step()
-        _tally(self.acc, self.bad, loss, rec_sum, kl_sum, self.counter)
-        with torch.no_grad():
-            self.counter += 1
 
-    def _capture(self) -> None:
-        # Warm-up steps (on a side stream, as capture requires) really update the parameters and Adam's moments;
-        # snapshot and restore both so that the trajectory starts exactly where the eager one would (also when
-        # capture fails and training falls back to eager).
-        params = [p for g in self.opt.param_groups for p in g["params"]]
-        saved_params = [p.detach().clone() for p in params]
-        saved_state = _clone_tree({i: dict(self.opt.state[p]) for i, p in enumerate(params) if p in self.opt.state})
-        try:
-            with self._warmup_stream():
-                for _ in range(3):
-                    self.counter.zero_()  # stay on the first batch: the data may hold fewer than 3 batches
-                    self.opt.zero_grad(set_to_none=True)
-                    self._graph_body()
-            self.opt.zero_grad(set_to_none=True)
-            self.replay = self._record()
-        finally:
-            # Capture records without executing; undo the warm-up.
-            self._synchronize()
-            with torch.no_grad():
-                for p, v in zip(params, saved_params, strict=True):
-                    p.copy_(v)
-                for i, p in enumerate(params):
-                    for key, value in self.opt.state.get(p, {}).items():
-                        if isinstance(value, Tensor):
-                            if i in saved_state and key in saved_state[i]:
-                                value.copy_(saved_state[i][key])
-                            else:
-                                value.zero_()  # a fresh Adam: zero moments and step
-                self.counter.zero_()
-                self.acc.zero_()
-                self.bad.fill_(-1)
-
-    # The CUDA specifics, kept apart so that the logic above can be checked on a CPU (tests/test_training.py).
-    @contextlib.contextmanager
-    def _warmup_stream(self):
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream(self.device).wait_stream(side)
-
-    def _record(self):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._graph_body()
-        self.graph = graph
-        return graph.replay
-
-    def _synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
-
-    def run_epoch(self, data: Tensor, perm: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-        if data.data_ptr() != self.data.data_ptr():
-            self.data.copy_(data)
-        self.perm.copy_(perm, non_blocking=True)
-        self.counter.zero_()
-        self.acc.zero_()
-        self.bad.fill_(-1)
-        self.beta.fill_(beta)
-        for _ in range(self.n_full):
-            self.replay()
-        rest = perm[self.n_full * self.batch_size:]
-        if len(rest):
-            # Grads are the graph's static buffers; zero them in place (not None) so that the graph keeps them.
-            self.step(self.data.index_select(0, rest), self.beta, self.acc, self.bad, self.n_full,
-                      set_to_none=False)
-        return self.acc.clone(), self.bad.clone()
+def _capture(step, model, opt, data: Tensor, batch_size: int, dev: torch.device, *, explicit: bool,
+             make_eager_opt) -> tuple[GraphStepper | None, torch.optim.Optimizer]:
+    """The graph stepper, captured, and its optimizer; or, if capture fails, None and an eager optimizer holding
+    the same state (a warning under fast="auto"; under an explicit fast="graph"/"graph-compile", the error)."""
+    graph = GraphStepper(step, model, opt, data, batch_size, dev)
+    try:
+        graph.capture()  # restores the model and optimizer before it raises
+    except Exception as err:  # capture can fail on exotic models or drivers: stay correct, lose speed
+        if explicit:
+            raise RuntimeError(f"CUDA-graph capture failed ({type(err).__name__}: {err}); "
+                               "train with fast='eager', or fast='auto', which falls back") from err
+        warnings.warn(f"CUDA-graph capture failed ({type(err).__name__}: {err}); training eagerly", stacklevel=3)
+        eager_opt = make_eager_opt()
+        _load_optimizer_state(eager_opt, opt.state_dict())
+        return None, eager_opt
+    return graph, opt
 
 
 # ------------------------------------------------------------------------------------------------ RNG state
@@ -463,7 +443,7 @@ def fit(
     eval_batch_size: int = 1000,
     run_info: dict | None = None,
     callback=None,
-    tf32: bool | None = None,
+    tf32: bool | None = False,
 ) -> FitResult:
     """Train ``model`` on ``train_x`` (N, input_dim) by minimising -(rec - beta_t * kl), with Adam.
 
@@ -472,16 +452,25 @@ def fit(
       epoch), also for an ``optimizer`` factory's optimizer (:func:`lr_at_epoch`).
     beta, warmup_epochs: the KL weight and its linear warm-up (:func:`vaelib.objectives.kl_warmup`).
     binarize: True redraws Bernoulli(x) binary data every epoch (Burda et al. 2015); data must be in [0, 1].
-    device: None picks cuda > mps > cpu (:func:`vaelib.config.select_device`).
-    fast: "auto" (CUDA graph on CUDA, eager elsewhere), "eager", "graph", "compile" (torch.compile of the loss)
-      or "graph-compile" (both; the fastest on a GPU, at a one-off compile cost). Unavailable modes fall back to
-      eager with a warning.
+    device: None picks $VAELIB_DEVICE, else cuda > mps > cpu (:func:`vaelib.config.select_device`); a device that
+      is not there is an error. train_x and test_x may live on any device.
+    fast: "auto", "eager", "graph" (the step captured once as a CUDA graph and replayed, :mod:`vaelib.cuda_graph`),
+      "compile" (torch.compile of the loss) or "graph-compile" (both; the fastest on a GPU, at a one-off compile
+      cost). "auto" takes the graph on CUDA for a model built by :func:`vaelib.models.build_vae` with no hooks
+      (:func:`graph_safe`) and eager otherwise: a replay runs no Python, so hooks, Python-side counters and
+      ``.item()`` in a custom model would be frozen at capture. An explicit "graph" trusts the model; if its
+      capture fails it raises, where "auto" warns and trains eagerly. Unavailable modes (no CUDA, data not
+      resident, a custom optimizer) fall back to eager with a warning. ``FitResult.fast`` and run.json say which
+      path ran.
     out_dir: run directory for checkpoints and history; resume=True continues from its checkpoint.
     checkpoint_every: write the checkpoint every this many epochs (and after the last one, and on Ctrl-C).
     optimizer: optional ``params -> torch.optim.Optimizer`` factory replacing Adam(lr).
-    resident: keep the data on the device (default: when it fits, which MNIST-size data does).
+    resident: keep the data on the device (default: when it fits, which MNIST-size data does); data kept on the
+      host reach a GPU through pinned memory.
     callback: optional ``callback(row, model)`` called after each epoch with its history row.
-    tf32: allow TF32 matmuls on CUDA during training (default: on the graph/compile paths only).
+    tf32: TF32 for float32 matmuls and cuDNN convolutions on CUDA, the same on every path (default off: float32
+      throughout, so the paths and the CPU agree to float32 rounding; on for ~15 % more speed on the graph path).
+      Both flags are restored when fit returns or raises.
     Raises TrainingDivergedError on a NaN/inf loss (the model is restored to the last good epoch) and
     TrainingInterrupted (a KeyboardInterrupt) on Ctrl-C after saving a resumable checkpoint.
     """
@@ -502,35 +491,32 @@ def fit(
         raise ValueError("resume=True needs out_dir (the run directory to resume)")
 
     input_dim = getattr(model, "input_dim", None) or model.encoder.input_dim
-    param_dtype = next(model.parameters()).dtype
     likelihood = getattr(model.decoder, "likelihood", None)
     unit = binarize or (isinstance(likelihood, Likelihood) and likelihood.support == "unit-interval")
-    train_x = _as_data(train_x, "train_x", input_dim, param_dtype, unit)
+    train_x = _as_data(train_x, "train_x", input_dim, model_dtype(model), unit)
     if test_x is not None:
-        test_x = _as_data(test_x, "test_x", input_dim, param_dtype, unit)
+        test_x = _as_data(test_x, "test_x", input_dim, model_dtype(model), unit)
 
     dev = select_device(device)
     model.to(dev)
     n_train = len(train_x)
-    data_bytes = train_x.element_size() * train_x.numel() * (2 if binarize else 1)
     if resident is None:
-        resident = _fits_on(dev, data_bytes)
+        resident = _fits_on(dev, train_x.element_size() * train_x.numel() * (2 if binarize else 1))
     data_dev = dev if resident else torch.device("cpu")
+    perm_gen = torch.Generator().manual_seed(seed)
+    try:
+        bin_gen = torch.Generator(device=data_dev).manual_seed(seed + 1)
+    except RuntimeError:  # a backend without its own generators: keep the data on the host and binarise there
+        data_dev, resident = torch.device("cpu"), False
+        bin_gen = torch.Generator().manual_seed(seed + 1)
     train_data = train_x.to(data_dev)
-    mode = _resolve_fast(fast, dev, resident, optimizer is not None)
+    mode = _resolve_fast(fast, dev, resident, optimizer is not None, model)
+    if mode in GRAPH_MODES and n_train < batch_size:
+        mode = "eager" if mode == "graph" else "compile"  # not one full batch to capture
     if optimizer is not None:
         opt = optimizer(model.parameters())
     else:
         opt = _make_adam(model, lr, mode, scheduled=lr_final is not None)
-
-    torch.manual_seed(seed)
-    perm_gen = torch.Generator().manual_seed(seed)
-    try:
-        bin_gen = torch.Generator(device=data_dev).manual_seed(seed + 1)
-    except RuntimeError:  # a backend without its own generators: binarise on the CPU's
-        data_dev, resident = torch.device("cpu"), False
-        train_data = train_x
-        bin_gen = torch.Generator().manual_seed(seed + 1)
 
     run_dir = Path(out_dir) if out_dir is not None else None
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
@@ -539,135 +525,147 @@ def fit(
                     warmup_epochs=warmup_epochs, binarize=bool(binarize), seed=seed, kl=kl, n_train=n_train)
     history: list[dict] = []
     start_epoch = 0
+    ckpt = None
     if resume:
         if not run_dir.is_dir():
             raise RunNotFoundError(f"run directory {run_dir} does not exist (nothing to resume)")
         ckpt = load_checkpoint(ckpt_path)
         _check_resumable(ckpt, config, settings)
+        # Before capture: the graph records the addresses of these parameters and optimizer-state tensors.
         model.load_state_dict(ckpt["model_state"])
         _load_optimizer_state(opt, ckpt["optimizer_state"])
-        _set_rng_state(ckpt["rng"], dev, perm_gen, bin_gen)
         history = list(ckpt["history"])
         start_epoch = int(ckpt["epoch"])
 
-    def checkpoint_state(epoch: int) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT, "epoch": epoch, "model_state": model.state_dict(),
-            "model_config": config, "optimizer_state": opt.state_dict(),
-            "rng": _rng_state(dev, perm_gen, bin_gen), "history": history, "settings": settings,
-        }
+    # The buffer the steps read: dynamic binarisation redraws it in place each epoch. It starts as the grey data,
+    # so that a capture's warm-up trains on real values.
+    binarized = train_data.clone() if binarize else train_data
+    with _tf32(bool(tf32)):  # before capture: the captured kernels keep the math mode they were recorded with
+        loss_fn, compile_timing = _compiled_loss() if mode.endswith("compile") else (_batch_loss, {})
+        step = functools.partial(train_step, model, opt, loss_fn, kl)
+        graph = None
+        if mode.startswith("graph"):
+            # Before seeding (and before restoring a checkpoint's RNG state): the warm-up draws noise, and the
+            # run's random numbers must not depend on it, so that a resumed run continues exactly.
+            graph, opt = _capture(step, model, opt, binarized, batch_size, dev, explicit=fast in GRAPH_MODES,
+                                  make_eager_opt=lambda: _make_adam(model, lr, "eager"))
+            if graph is None:
+                mode, step = "eager", functools.partial(train_step, model, opt, _batch_loss, kl)
+        torch.manual_seed(seed)
+        if ckpt is not None:
+            _set_rng_state(ckpt["rng"], dev, perm_gen, bin_gen)
+        setup_seconds = {"capture": graph.capture_seconds if graph is not None else 0.0}
 
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / RUN_JSON, {"model_config": config, "settings": settings, "run_info": run_info or {},
-                                         "device": str(dev), "torch": torch.__version__, "fast": mode})
-        if not resume:
-            save_checkpoint(checkpoint_state(0), ckpt_path)  # an interrupt in epoch 1 can resume from here
+        def checkpoint_state(epoch: int) -> dict:
+            return {
+                "format": CHECKPOINT_FORMAT, "epoch": epoch, "model_state": model.state_dict(),
+                "model_config": config, "optimizer_state": opt.state_dict(),
+                "rng": _rng_state(dev, perm_gen, bin_gen), "history": history, "settings": settings,
+            }
 
-    restore_tf32 = None
-    if tf32 is None:
-        tf32 = mode != "eager"
-    if dev.type == "cuda":
-        # TF32 matmuls: ~fp32 accuracy at tensor-core speed; restored when fit returns.
-        restore_tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        def write_run_json() -> None:
+            _write_json(run_dir / RUN_JSON, {
+                "model_config": config, "settings": settings, "run_info": run_info or {}, "device": str(dev),
+                "torch": torch.__version__, "fast": mode, "tf32": bool(tf32),
+                "setup_seconds": {**setup_seconds, **compile_timing}})
 
-    binarized = torch.empty_like(train_data) if binarize else train_data
-    stepper = _make_stepper(mode, model, opt, kl, batch_size, dev, binarized)
-    if isinstance(stepper, _GraphStepper):
-        mode = "graph-compile" if stepper.graph_loss_fn is not _batch_loss else "graph"
-    elif mode.startswith("graph"):
-        mode = "eager"
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_json()
+            if not resume:
+                save_checkpoint(checkpoint_state(0), ckpt_path)  # an interrupt in epoch 1 can resume from here
 
-    seconds: list[float] = []
-    saved_epoch = start_epoch
-    pending: dict | None = None  # the last epoch's state when it was not written to disk yet
-    bar = _progress_bar(progress, start_epoch, epochs)
-    try:
-        for epoch in range(start_epoch + 1, epochs + 1):
-            good_params = _clone_tree(model.state_dict())
-            beta_e = kl_warmup(epoch, warmup_epochs, beta)
-            if lr_final is not None:
-                _set_lr(opt, lr_at_epoch(epoch, epochs, lr, lr_final))
-            lr_e = float(opt.param_groups[0]["lr"])  # what this epoch uses (also a custom optimizer's)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            perm = torch.randperm(n_train, generator=perm_gen).to(data_dev, non_blocking=True)
-            if binarize:
-                # x ~ Bernoulli(p) as [u < p], u ~ U[0, 1): half the cost of bernoulli_ on the CPU (0.21 s vs
-                # 0.42 s for the 60,000 x 784 Fashion-MNIST pixels); with torch 2.13 on the CPU it even draws
-                # the same bits as bernoulli_ with the same generator.
-                binarized.uniform_(generator=bin_gen).lt_(train_data)
-            model.train()
-            acc, bad = stepper.run_epoch(binarized, perm, beta_e)
-            acc_host, bad_step = acc.tolist(), int(bad.item())  # the one host sync per epoch
-            seconds.append(time.perf_counter() - t0)
-            if bad_step >= 0 or not all(math.isfinite(v) for v in acc_host):
-                model.load_state_dict(good_params)
-                n_steps = math.ceil(n_train / batch_size)
-                step_txt = f"step {bad_step + 1} of {n_steps}" if bad_step >= 0 else "an unknown step"
-                where = (f"{ckpt_path} (end of epoch {saved_epoch})" if ckpt_path is not None
-                         else "none written (no out_dir)")
-                raise TrainingDivergedError(
-                    f"training diverged: the loss became NaN or infinite in epoch {epoch}, {step_txt} "
-                    f"(lr={lr_e:g}, beta={beta_e:g}); the model was restored to the end of epoch {epoch - 1}; "
-                    f"last good checkpoint: {where}. Try a smaller learning rate.",
-                    epoch, bad_step + 1, ckpt_path if ckpt_path is not None else None, history)
-            rec_mean, kl_mean = acc_host[0] / n_train, acc_host[1] / n_train
-            row = {"epoch": epoch, "train_loss": -(rec_mean - beta_e * kl_mean), "train_rec": rec_mean,
-                   "train_kl": kl_mean}
-            if test_x is not None:
-                model.eval()
-                ev = evaluate_elbo(model, test_x, batch_size=eval_batch_size, kl=kl)
-                row.update(test_elbo=ev["elbo"], test_rec=ev["rec"], test_kl=ev["kl"])
-            row.update(beta=beta_e, lr=lr_e, seconds=seconds[-1])
-            history.append(row)
-            if bar is not None:
-                post = {"loss": f"{row['train_loss']:.2f}", "kl": f"{kl_mean:.2f}"}
-                if "test_elbo" in row:
-                    post["test_elbo"] = f"{row['test_elbo']:.2f}"
-                bar.set_postfix(post)
-                bar.update(1)
-            if run_dir is not None:
-                if epoch % checkpoint_every == 0 or epoch == epochs:
-                    save_checkpoint(checkpoint_state(epoch), ckpt_path)
-                    saved_epoch, pending = epoch, None
+        seconds: list[float] = []
+        saved_epoch = start_epoch
+        pending: dict | None = None  # the last epoch's state when it was not written to disk yet
+        bar = _progress_bar(progress, start_epoch, epochs)
+        try:
+            for epoch in range(start_epoch + 1, epochs + 1):
+                good_params = _clone_tree(model.state_dict())
+                beta_e = kl_warmup(epoch, warmup_epochs, beta)
+                if lr_final is not None:
+                    lr_e = lr_at_epoch(epoch, epochs, lr, lr_final)  # the schedule's value, not a float32 copy
+                    _set_lr(opt, lr_e)
                 else:
-                    pending = _clone_tree(checkpoint_state(epoch))
-                _write_history(run_dir, history)
-            if callback is not None:
-                callback(row, model)
-    except KeyboardInterrupt:
-        if pending is not None:
-            save_checkpoint(pending, ckpt_path)
-            saved_epoch = pending["epoch"]
-        if ckpt_path is not None:
-            msg = (f"training interrupted during epoch {len(history) + 1}; a resumable checkpoint of epoch "
-                   f"{saved_epoch} is in {ckpt_path}; continue with resume=True (CLI: --resume)")
-        else:
-            msg = f"training interrupted during epoch {len(history) + 1}; nothing saved (no out_dir)"
-        raise TrainingInterrupted(msg, saved_epoch, ckpt_path, history) from None
-    finally:
-        if bar is not None:
-            bar.close()
-        if restore_tf32 is not None:
-            torch.backends.cuda.matmul.allow_tf32 = restore_tf32
+                    lr_e = float(opt.param_groups[0]["lr"])  # also a custom optimizer's own lr
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                perm = torch.randperm(n_train, generator=perm_gen).to(data_dev, non_blocking=True)
+                if binarize:
+                    dynamic_binarize(train_data, bin_gen, out=binarized)
+                model.train()
+                if graph is not None:
+                    acc, bad = graph.run_epoch(binarized, perm, beta_e)
+                else:
+                    acc, bad = train_epoch(step, opt, binarized, perm, beta_e, batch_size, dev)
+                acc_host, bad_step = acc.tolist(), int(bad.item())  # the one host sync per epoch
+                seconds.append(time.perf_counter() - t0)
+                if bad_step >= 0 or not all(math.isfinite(v) for v in acc_host):
+                    model.load_state_dict(good_params)
+                    n_steps = math.ceil(n_train / batch_size)
+                    step_txt = f"step {bad_step + 1} of {n_steps}" if bad_step >= 0 else "an unknown step"
+                    where = (f"{ckpt_path} (end of epoch {saved_epoch})" if ckpt_path is not None
+                             else "none written (no out_dir)")
+                    raise TrainingDivergedError(
+                        f"training diverged: the loss became NaN or infinite in epoch {epoch}, {step_txt} "
+                        f"(lr={lr_e:g}, beta={beta_e:g}); the model was restored to the end of epoch {epoch - 1}; "
+                        f"last good checkpoint: {where}. Try a smaller learning rate.",
+                        epoch, bad_step + 1, ckpt_path if ckpt_path is not None else None, history)
+                rec_mean, kl_mean = acc_host[0] / n_train, acc_host[1] / n_train
+                row = {"epoch": epoch, "train_loss": -(rec_mean - beta_e * kl_mean), "train_rec": rec_mean,
+                       "train_kl": kl_mean}
+                if test_x is not None:
+                    model.eval()
+                    ev = evaluate_elbo(model, test_x, batch_size=eval_batch_size, kl=kl)
+                    row.update(test_elbo=ev["elbo"], test_rec=ev["rec"], test_kl=ev["kl"])
+                row.update(beta=beta_e, lr=lr_e, seconds=seconds[-1])
+                history.append(row)
+                if bar is not None:
+                    post = {"loss": f"{row['train_loss']:.2f}", "kl": f"{kl_mean:.2f}"}
+                    if "test_elbo" in row:
+                        post["test_elbo"] = f"{row['test_elbo']:.2f}"
+                    bar.set_postfix(post)
+                    bar.update(1)
+                if run_dir is not None:
+                    if epoch % checkpoint_every == 0 or epoch == epochs:
+                        save_checkpoint(checkpoint_state(epoch), ckpt_path)
+                        saved_epoch, pending = epoch, None
+                    else:
+                        pending = _clone_tree(checkpoint_state(epoch))
+                    _write_history(run_dir, history)
+                if callback is not None:
+                    callback(row, model)
+            if run_dir is not None and compile_timing:
+                write_run_json()  # now with the compile seconds
+        except KeyboardInterrupt:
+            if pending is not None:
+                save_checkpoint(pending, ckpt_path)
+                saved_epoch = pending["epoch"]
+            if ckpt_path is not None:
+                msg = (f"training interrupted during epoch {len(history) + 1}; a resumable checkpoint of epoch "
+                       f"{saved_epoch} is in {ckpt_path}; continue with resume=True (CLI: --resume)")
+            else:
+                msg = f"training interrupted during epoch {len(history) + 1}; nothing saved (no out_dir)"
+            raise TrainingInterrupted(msg, saved_epoch, ckpt_path, history) from None
+        finally:
+            if bar is not None:
+                bar.close()
     model.eval()
     return FitResult(model=model, history=history, device=dev, seconds_per_epoch=seconds, fast=mode,
-                     out_dir=run_dir, checkpoint=ckpt_path, resumed_from=start_epoch)
+                     out_dir=run_dir, checkpoint=ckpt_path, resumed_from=start_epoch,
+                     setup_seconds={**setup_seconds, **compile_timing}, tf32=bool(tf32))
 
 
-def _make_stepper(mode: str, model, opt, kl: str, batch_size: int, dev: torch.device, data: Tensor):
-    if mode.startswith("graph"):
-        try:
-            return _GraphStepper(model, opt, kl, batch_size, dev, data, compile_loss=mode == "graph-compile")
-        except Exception as err:  # capture can fail on exotic models or drivers: stay correct, lose speed
-            warnings.warn(f"CUDA-graph capture failed ({type(err).__name__}: {err}); training eagerly",
-                          stacklevel=3)
-            opt.zero_grad(set_to_none=True)
-            return _EagerStepper(model, opt, kl, batch_size, dev)
-    return _EagerStepper(model, opt, kl, batch_size, dev, compile_loss=mode == "compile")
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """TF32 for float32 matmuls and cuDNN convolutions (both flags) inside the block, restored after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _progress_bar(progress: bool, start: int, total: int):
