@@ -87,6 +87,19 @@ def test_missing_run_dir_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_missing_device_is_one_line_exit_2(tmp_path, monkeypatch, capsys, command):
+    """Checked before any data are read: one line naming the devices that exist."""
+    import vaelib.data as data
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(data, "load_split", lambda *a, **k: pytest.fail("read data before checking the device"))
+    argv = ["train", "--out", str(tmp_path / "r")] if command == "train" else ["eval", str(tmp_path)]
+    assert main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'cuda' is not available here; available: cpu" in err
+
+
 def test_missing_data_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     import vaelib.data as data
 

@@ -500,6 +500,14 @@ def test_select_device_names_what_is_available(monkeypatch):
     assert select_device("cpu") == torch.device("cpu")  # an explicit choice wins
 
 
+def test_non_cuda_tests_run_on_the_cpu_where_cuda_is_available(monkeypatch):
+    """conftest.py's autouse fixture: on a GPU machine, fit/load_run/the CLI with no device still use the CPU."""
+    from vaelib.config import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device() == torch.device("cpu")
+
+
 def test_objectives_move_data_to_the_models_device():
     """A model on another device (here "meta", which computes shapes only) takes CPU data: elbo and iwae_bound
     move it there (without it: "Tensor on device cpu is not on the expected device meta")."""
