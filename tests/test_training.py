@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import vaelib.training as training
-from vaelib.cuda_graph import GraphStepper
+from vaelib.cuda_graph import WARMUP_STEPS, GraphStepper
 from vaelib.models import build_vae
 from vaelib.training import (
     CHECKPOINT_NAME,
@@ -393,6 +393,18 @@ def test_forced_capture_failure_gives_the_eager_result_or_raises_when_asked(monk
         fit(model, train, fast="graph", **kw)
     for k, v in model.state_dict().items():  # the warm-up was undone before the error
         assert torch.equal(v, before[k]), k
+
+
+def test_capture_warms_up_on_the_training_data(monkeypatch, data):
+    """The buffer the graph reads holds the (grey) training data before the warm-up, not uninitialised memory."""
+    train, _ = data
+    graph_on_cpu(monkeypatch)
+    model = tiny_model()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    fit(model, train, epochs=1, batch_size=32, binarize=True, progress=False)
+    for warmup_batch in seen[:WARMUP_STEPS]:  # the first batch of the identity permutation
+        assert torch.equal(warmup_batch, train[:32])
 
 
 def test_graph_path_resume_is_exact(tmp_path, monkeypatch, data, interrupt_at_epoch):
