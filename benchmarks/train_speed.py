@@ -1,14 +1,26 @@
-"""Training speed: a tutorial-style DataLoader loop against vaelib's trainer, same data, model and loss.
+"""Training speed: a tutorial-style DataLoader loop against vaelib's trainers, same data, model, loss and optimizer.
 
-Setting (one process, one device): Fashion-MNIST, 784-400-20 MLP (ReLU; Bernoulli decoder, sigmoid mean),
-batch 128, Adam 1e-3, BCE + analytic KL, dynamically (default) or statically binarised. For each trainer:
-seconds per epoch (median of the timed epochs after one warm-up epoch), the ratio to the DataLoader loop, and
-the final test -ELBO. On a CPU the trainers take turns, one epoch each (``--interleave``), so that load from
-other processes falls on all of them alike; vaelib's run resumes from its checkpoint for each epoch, which on
-the CPU continues bit for bit. Then the IWAE (k = 5000) negative log-likelihood of the test images, timed; on a CPU
-``--iwae-images N`` evaluates N images and extrapolates the time to 10,000 (labelled as such).
+Setting (one process, one device): Fashion-MNIST, 784-400-20 MLP (ReLU; Bernoulli decoder, sigmoid mean), batch
+128, Adam 1e-3 (the same Adam everywhere: fused on CUDA, as fit uses it), BCE + analytic KL, dynamically (default)
+or statically binarised. One precision for every trainer: TF32 off (float32; ``--tf32`` turns it on for all).
+Each effect is a trainer of its own, so that it is visible on its own:
 
-    python benchmarks/train_speed.py                    # writes benchmarks/results/<device-slug>.json
+  dataloader_loop        TensorDataset + DataLoader (pinned memory on CUDA), batches copied to the device
+  vaelib_eager           fit(fast="eager"): data resident on the device, one host sync per epoch
+  vaelib_graph           fit(fast="graph"): each step one CUDA-graph replay (CUDA only)
+  vaelib_graph_compile   fit(fast="graph-compile"): the same with the loss through torch.compile (CUDA only)
+
+Per trainer: seconds per epoch (median of the timed epochs, after one warm-up epoch), the ratio to the DataLoader
+loop, the setup seconds (graph capture, compilation) and the final test -ELBO. Load from other processes is spread
+over the trainers: on a CPU they take turns epoch by epoch (``--interleave``; vaelib's run resumes from its
+checkpoint for each epoch, which continues bit for bit), elsewhere each trainer trains ``--repeats`` times, the
+order reversed every other repeat. Then the IWAE (k = 5000) negative log-likelihood of the test images, timed; on
+a CPU ``--iwae-images N`` evaluates N images and extrapolates the time to 10,000 (labelled as such).
+
+The JSON records the git commit, torch/CUDA/driver versions, the flags and the machine's load before and after; it
+is written atomically, under a name with the device, the host and the time (no two machines write the same file).
+
+    python benchmarks/train_speed.py                    # writes benchmarks/results/<device>-<host>-<time>.json
     python benchmarks/train_speed.py --epochs 5 --device cuda --iwae-images 10000
 """
 
@@ -16,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,13 +44,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from vaelib.config import select_device
-from vaelib.data import load_split
+from vaelib.data import dynamic_binarize, load_split
 from vaelib.evaluation import evaluate_elbo, iwae_nll
 from vaelib.models import build_vae
 from vaelib.objectives import elbo
-from vaelib.training import fit
+from vaelib.training import atomic_write, fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: vaelib's trainers and the fit(fast=...) each one times; the graph ones need CUDA.
+VAELIB_TRAINERS = {"vaelib_eager": "eager", "vaelib_graph": "graph", "vaelib_graph_compile": "graph-compile"}
 
 
 def device_name(device: torch.device) -> str:
@@ -55,10 +71,19 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def _slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 def slug(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu-{torch.get_num_threads()}threads"
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return _slugify(device_name(device))
+
+
+def result_name(device: torch.device, when: datetime) -> str:
+    """<device>-<host>-<UTC time>.json: two machines (or two runs) never write the same file."""
+    return f"{slug(device)}-{_slugify(platform.node()) or 'host'}-{when.strftime('%Y%m%dT%H%M%SZ')}.json"
 
 
 def sync(device: torch.device) -> None:
@@ -73,12 +98,14 @@ def new_model(device: torch.device):
 
 
 def dataloader_epochs(train_x: Tensor, device, batch_size: int, dynamic: bool):
-    """The typical tutorial: TensorDataset + DataLoader(shuffle=True), batches moved to the device.
+    """The typical tutorial: TensorDataset + DataLoader(shuffle=True), batches moved to the device, with the Adam
+    that fit uses (fused on CUDA).
 
-    A generator: each ``next`` trains one epoch and yields (model, seconds, None). Its random numbers come from its own
-    saved RNG state, so running other trainers between its epochs does not change its trajectory."""
+    A generator: each ``next`` trains one epoch and yields (model, seconds, None, setup seconds). Its random numbers
+    come from its own saved RNG state, so running other trainers between its epochs does not change its trajectory.
+    """
     model = new_model(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
     loader = DataLoader(TensorDataset(train_x), batch_size=batch_size, shuffle=True,
                         pin_memory=device.type == "cuda")
     devices = [device] if device.type == "cuda" else []
@@ -95,7 +122,7 @@ def dataloader_epochs(train_x: Tensor, device, batch_size: int, dynamic: bool):
             for (xb,) in loader:
                 xb = xb.to(device, non_blocking=True)
                 if dynamic:
-                    xb = torch.bernoulli(xb)
+                    xb = dynamic_binarize(xb)
                 loss = elbo(model, xb).loss()
                 opt.zero_grad()
                 loss.backward()
@@ -103,26 +130,27 @@ def dataloader_epochs(train_x: Tensor, device, batch_size: int, dynamic: bool):
             sync(device)
             seconds = time.perf_counter() - t0
             rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if devices else None)
-        yield model, seconds, None
+        yield model, seconds, None, {}
 
 
-def vaelib_epochs(train_x, device, batch_size: int, dynamic: bool, fast: str, run_dir: Path):
-    """vaelib's fit, one epoch per ``next``: each call resumes the run in ``run_dir`` (exactly, on the CPU) and
-    yields (model, the epoch's seconds as fit measured them, the path fit took)."""
+def vaelib_epochs(train_x, device, batch_size: int, dynamic: bool, fast: str, run_dir: Path, tf32: bool = False):
+    """vaelib's fit, one epoch per ``next``: each call resumes the run in ``run_dir`` (exactly) and yields (model,
+    the epoch's seconds as fit measured them, the path fit took, its setup seconds)."""
     model = new_model(device)
     epoch = 0
     while True:
         epoch += 1
         result = fit(model, train_x, epochs=epoch, batch_size=batch_size, lr=1e-3, binarize=dynamic,
-                     device=device, fast=fast, progress=False, seed=0, out_dir=run_dir, resume=epoch > 1)
-        yield result.model, result.seconds_per_epoch[-1], result.fast
+                     device=device, fast=fast, progress=False, seed=0, out_dir=run_dir, resume=epoch > 1, tf32=tf32)
+        yield result.model, result.seconds_per_epoch[-1], result.fast, result.setup_seconds
 
 
-def vaelib_fit(train_x, device, epochs: int, batch_size: int, dynamic: bool, fast: str):
+def vaelib_fit(train_x, device, epochs: int, batch_size: int, dynamic: bool, fast: str, tf32: bool = False):
+    """vaelib's fit in one go: (model, seconds of each epoch, the path fit took, its setup seconds)."""
     model = new_model(device)
     result = fit(model, train_x, epochs=epochs, batch_size=batch_size, lr=1e-3, binarize=dynamic,
-                 device=device, fast=fast, progress=False, seed=0)
-    return result.model, result.seconds_per_epoch, result.fast
+                 device=device, fast=fast, progress=False, seed=0, tf32=tf32)
+    return result.model, result.seconds_per_epoch, result.fast, result.setup_seconds
 
 
 def test_neg_elbo(model, test_x) -> float:
@@ -130,117 +158,171 @@ def test_neg_elbo(model, test_x) -> float:
     return -evaluate_elbo(model, test_x)["elbo"]
 
 
+def machine_facts(device: torch.device) -> dict:
+    """Versions and flags that a reader needs to compare two result files."""
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*cmd) -> str | None:
+        try:
+            return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=20).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    facts = {
+        "git_commit": run("git", "rev-parse", "HEAD"),
+        "git_dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
+        "host": platform.node(), "python": sys.version.split()[0], "torch": torch.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "driver": None, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        smi = run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+        facts["driver"] = smi.splitlines()[0] if smi else None
+    return facts
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # not on every platform
+        return None
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch (>= 3)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch (>= 1)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--binarize", choices=("dynamic", "static"), default="dynamic")
     parser.add_argument("--device", default=None, help="default: cuda > mps > cpu")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--train-size", type=int, default=None, help="first N training images (a quick look)")
+    parser.add_argument("--trainers", default=None,
+                        help="comma-separated subset of dataloader_loop," + ",".join(VAELIB_TRAINERS)
+                             + " (default: all that the device supports)")
+    parser.add_argument("--tf32", action="store_true", help="TF32 on for every trainer (default: off for all)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="trainings per trainer, the order reversed every other repeat (default: 3 on a GPU; "
+                             "not with --interleave)")
     parser.add_argument("--iwae-k", type=int, default=5000)
     parser.add_argument("--iwae-images", type=int, default=None,
                         help="IWAE on this many test images, time extrapolated to 10,000 (default: all on a GPU, "
-                             "100 on a CPU)")
-    parser.add_argument("--fastest", default=None,
-                        help="vaelib's fastest path to time (default: graph-compile on CUDA, eager elsewhere)")
+                             "100 on a CPU; 0 skips it)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); on a busy shared CPU, 1 avoids "
                              "threads spinning while waiting for each other")
     parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                         help="alternate the trainers epoch by epoch (default: on a CPU, where other processes share "
-                             "the cores; on a GPU each trainer runs its epochs in one go)")
-    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<device-slug>.json)")
+                             "the cores)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default: benchmarks/results/<device>-<host>-<time>.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.epochs < 3:
-        parser.error("--epochs must be >= 3 (the median of at least 3 timed epochs)")
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
 
     device = select_device(args.device)
+    names = ["dataloader_loop", *(n for n, f in VAELIB_TRAINERS.items() if device.type == "cuda" or f == "eager")]
+    if args.trainers:
+        asked = [n.strip() for n in args.trainers.split(",") if n.strip()]
+        unknown = [n for n in asked if n not in names]
+        if unknown:
+            parser.error(f"unknown or unavailable trainers {unknown}; choose from {names}")
+        names = ["dataloader_loop", *(n for n in asked if n != "dataloader_loop")]  # the ratios' baseline
     dynamic = args.binarize == "dynamic"
-    train = load_split("fashion-mnist", "train", args.data_root).images
+    train = load_split("fashion-mnist", "train", args.data_root).images[:args.train_size]
     test = load_split("fashion-mnist", "test", args.data_root, binarize="dynamic", seed=0).images
     if not dynamic:
         train = (train > 0.5).float()  # static: one fixed binarisation
         test = (load_split("fashion-mnist", "test", args.data_root).images > 0.5).float()
     total = args.epochs + 1
-    fastest = args.fastest or ("graph-compile" if device.type == "cuda" else "eager")
-    print(f"device: {device_name(device)}; torch {torch.__version__}; {total} epochs each (first = warm-up)",
+    interleave = device.type == "cpu" if args.interleave is None else args.interleave
+    repeats = 1 if interleave else (args.repeats or (3 if device.type == "cuda" else 1))
+    started = datetime.now(timezone.utc)
+    load_before = load_average()
+    print(f"device: {device_name(device)}; torch {torch.__version__}; TF32 {'on' if args.tf32 else 'off'} for all; "
+          f"{total} epochs each (first = warm-up); {'interleaved' if interleave else f'{repeats} repeats'}",
           flush=True)
 
-    rows, models = {}, {}
+    # runs[name] = one entry per repeat: (model, seconds of each epoch, path, setup seconds)
+    runs: dict[str, list] = {name: [] for name in names}
+    tf32_saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # the loop's; fit sets its own
+    try:
+        if interleave:
+            # One epoch of each trainer in turn (order reversed every other round), so that load from other
+            # processes on a shared machine falls on all of them alike instead of on whichever ran at the time.
+            with tempfile.TemporaryDirectory() as tmp:
+                gens = {name: dataloader_epochs(train, device, args.batch_size, dynamic) if name == "dataloader_loop"
+                        else vaelib_epochs(train, device, args.batch_size, dynamic, VAELIB_TRAINERS[name],
+                                           Path(tmp) / name, tf32=args.tf32) for name in names}
+                seconds = {name: [] for name in names}
+                last = {}
+                for epoch in range(total):
+                    for name in (names if epoch % 2 == 0 else names[::-1]):
+                        last[name] = next(gens[name])
+                        seconds[name].append(last[name][1])
+                for name in names:
+                    model, _, path, setup = last[name]
+                    runs[name].append((model, seconds[name], path, setup))
+        else:
+            for r in range(repeats):
+                for name in (names if r % 2 == 0 else names[::-1]):
+                    if name == "dataloader_loop":
+                        loop = dataloader_epochs(train, device, args.batch_size, dynamic)
+                        epochs = [next(loop) for _ in range(total)]
+                        runs[name].append((epochs[-1][0], [s for _, s, _, _ in epochs], None, {}))
+                    else:
+                        runs[name].append(vaelib_fit(train, device, total, args.batch_size, dynamic,
+                                                     VAELIB_TRAINERS[name], tf32=args.tf32))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_saved
 
-    def record(name, model, seconds, path=None):
-        models[name] = model
-        timed = seconds[1:]
-        rows[name] = {"path": path, "seconds_per_epoch": statistics.median(timed),
-                      "epoch_seconds": [round(s, 4) for s in seconds], "test_neg_elbo": test_neg_elbo(model, test)}
+    rows = {}
+    for name in names:
+        timed = [s for _, secs, _, _ in runs[name] for s in secs[1:]]
+        model, _, path, _ = runs[name][-1]
+        rows[name] = {"path": path or "DataLoader", "seconds_per_epoch": statistics.median(timed),
+                      "repeat_medians": [statistics.median(secs[1:]) for _, secs, _, _ in runs[name]],
+                      "epoch_seconds": [[round(s, 4) for s in secs] for _, secs, _, _ in runs[name]],
+                      "setup_seconds": [setup for _, _, _, setup in runs[name]],
+                      "test_neg_elbo": test_neg_elbo(model, test)}
         print(f"  {name:<22} {rows[name]['seconds_per_epoch']:8.3f} s/epoch   test -ELBO "
-              f"{rows[name]['test_neg_elbo']:.2f}", flush=True)
-
-    default_path = "graph" if device.type == "cuda" else "eager"  # what fit(fast="auto") takes (see fit)
-    interleave = device.type == "cpu" if args.interleave is None else args.interleave
-    if interleave:
-        # One epoch of each trainer in turn (order reversed every other round), so that load from other
-        # processes on a shared machine falls on all of them alike instead of on whichever ran at the time.
-        with tempfile.TemporaryDirectory() as tmp:
-            trainers = {"dataloader_loop": dataloader_epochs(train, device, args.batch_size, dynamic),
-                        "vaelib_default": vaelib_epochs(train, device, args.batch_size, dynamic, "auto",
-                                                        Path(tmp) / "default")}
-            if fastest != default_path:
-                trainers["vaelib_fastest"] = vaelib_epochs(train, device, args.batch_size, dynamic, fastest,
-                                                           Path(tmp) / "fastest")
-            seconds = {name: [] for name in trainers}
-            last = {}
-            for epoch in range(total):
-                for name in (list(trainers) if epoch % 2 == 0 else list(reversed(trainers))):
-                    last[name] = next(trainers[name])
-                    seconds[name].append(last[name][1])
-            for name in trainers:
-                record(name, last[name][0], seconds[name], last[name][2])
-    else:
-        loop = dataloader_epochs(train, device, args.batch_size, dynamic)
-        epochs = [next(loop) for _ in range(total)]
-        record("dataloader_loop", epochs[-1][0], [s for _, s, _ in epochs])
-        record("vaelib_default", *vaelib_fit(train, device, total, args.batch_size, dynamic, "auto"))
-        if fastest != default_path:
-            record("vaelib_fastest", *vaelib_fit(train, device, total, args.batch_size, dynamic, fastest))
-    default_model = models["vaelib_default"]
-    if "vaelib_fastest" not in rows:
-        rows["vaelib_fastest"] = dict(rows["vaelib_default"], note="the default path is the fastest here")
+              f"{rows[name]['test_neg_elbo']:.2f}   setup {rows[name]['setup_seconds'][0]}", flush=True)
     base = rows["dataloader_loop"]["seconds_per_epoch"]
-    loop_epochs = rows["dataloader_loop"]["epoch_seconds"][1:]
     for row in rows.values():
         row["ratio_to_dataloader"] = row["seconds_per_epoch"] / base
         if interleave:
             # Epochs run back to back in the same round share the machine's state: their ratio is the fairer
             # comparison when the machine's speed drifts during the run.
-            paired = [a / b for a, b in zip(row["epoch_seconds"][1:], loop_epochs, strict=True)]
+            loop_epochs = rows["dataloader_loop"]["epoch_seconds"][0][1:]
+            paired = [a / b for a, b in zip(row["epoch_seconds"][0][1:], loop_epochs, strict=True)]
             row["paired_ratio_median"] = statistics.median(paired)
             row["rounds_faster_than_dataloader"] = sum(r < 1 for r in paired)
 
-    n_iwae = args.iwae_images or (len(test) if device.type == "cuda" else 100)
+    iwae = None
+    n_iwae = args.iwae_images if args.iwae_images is not None else (len(test) if device.type == "cuda" else 100)
     n_iwae = min(n_iwae, len(test))
-    torch.manual_seed(0)
-    iwae_nll(default_model, test[:8], k=64)  # warm-up (allocator, kernels)
-    sync(device)
-    t0 = time.perf_counter()
-    nll = iwae_nll(default_model, test[:n_iwae], k=args.iwae_k)
-    sync(device)
-    secs = time.perf_counter() - t0
-    iwae = {"k": args.iwae_k, "images": n_iwae, "seconds": secs, "nll": nll,
-            "seconds_for_10000_images": secs * len(test) / n_iwae,
-            "extrapolated": n_iwae < len(test)}
-    label = (f"extrapolated from {n_iwae} images" if iwae["extrapolated"] else "measured")
-    print(f"  IWAE k={args.iwae_k}: {secs:.2f} s for {n_iwae} images -> "
-          f"{iwae['seconds_for_10000_images']:.1f} s for 10,000 ({label}); NLL {nll:.2f} nats", flush=True)
+    if n_iwae > 0:
+        eval_model = runs["vaelib_eager"][-1][0] if "vaelib_eager" in runs else runs[names[-1]][-1][0]
+        torch.manual_seed(0)
+        iwae_nll(eval_model, test[:8], k=64)  # warm-up (allocator, kernels)
+        sync(device)
+        t0 = time.perf_counter()
+        nll = iwae_nll(eval_model, test[:n_iwae], k=args.iwae_k)
+        sync(device)
+        secs = time.perf_counter() - t0
+        iwae = {"k": args.iwae_k, "images": n_iwae, "seconds": secs, "nll": nll,
+                "seconds_for_10000_images": secs * len(test) / n_iwae, "extrapolated": n_iwae < len(test)}
+        label = (f"extrapolated from {n_iwae} images" if iwae["extrapolated"] else "measured")
+        print(f"  IWAE k={args.iwae_k}: {secs:.2f} s for {n_iwae} images -> "
+              f"{iwae['seconds_for_10000_images']:.1f} s for 10,000 ({label}); NLL {nll:.2f} nats", flush=True)
 
-    print("\n| trainer | path | s/epoch | ratio to DataLoader | test -ELBO |\n|---|---|---|---|---|")
+    print("\n| trainer | path | s/epoch | ratio to DataLoader | setup s | test -ELBO |\n|---|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['path'] or 'DataLoader'} | {row['seconds_per_epoch']:.3f} | "
-              f"{row['ratio_to_dataloader']:.2f} | {row['test_neg_elbo']:.2f} |")
+        setup = sum(row["setup_seconds"][0].values())
+        print(f"| {name} | {row['path']} | {row['seconds_per_epoch']:.3f} | {row['ratio_to_dataloader']:.2f} | "
+              f"{setup:.1f} | {row['test_neg_elbo']:.2f} |")
     if interleave:
         for name, row in rows.items():
             if name != "dataloader_loop":
@@ -248,18 +330,20 @@ def main(argv=None) -> int:
                       f"faster in {row['rounds_faster_than_dataloader']} of {args.epochs} rounds")
 
     result = {
-        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-        "python": sys.version.split()[0], "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device), "device_type": device.type, "date": started.isoformat(timespec="seconds"),
+        "machine": machine_facts(device),
+        "load_average": {"before": load_before, "after": load_average()},
         "settings": {"dataset": "fashion-mnist", "model": "784-400-20 MLP, ReLU, Bernoulli decoder",
-                     "batch_size": args.batch_size, "optimizer": "Adam(lr=1e-3)", "loss": "BCE + analytic KL",
-                     "binarize": args.binarize, "epochs_timed": args.epochs, "warmup_epochs": 1,
-                     "statistic": "median seconds per timed epoch", "threads": torch.get_num_threads(),
-                     "interleaved": interleave},
+                     "batch_size": args.batch_size, "train_images": len(train),
+                     "optimizer": "Adam(lr=1e-3)" + (", fused" if device.type == "cuda" else ""),
+                     "loss": "BCE + analytic KL", "binarize": args.binarize, "epochs_timed": args.epochs,
+                     "warmup_epochs": 1, "statistic": "median seconds per timed epoch (all repeats)",
+                     "tf32": args.tf32, "threads": torch.get_num_threads(), "interleaved": interleave,
+                     "repeats": repeats, "order": "alternated (reversed every other round/repeat)"},
         "trainers": rows, "iwae": iwae,
     }
-    out = Path(args.out) if args.out else RESULTS / f"{slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(args.out) if args.out else RESULTS / result_name(device, started)
+    atomic_write(out, lambda fh: fh.write((json.dumps(result, indent=1) + "\n").encode()))
     print(f"written to {out}")
     return 0
 

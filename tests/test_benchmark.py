@@ -23,15 +23,15 @@ def test_interleaved_trainers_follow_their_own_trajectories(tmp_path):
     x = torch.rand(256, 784, generator=torch.Generator().manual_seed(0))
     alone = train_speed.dataloader_epochs(x, CPU, 64, True)
     for _ in range(2):
-        loop_alone, _, _ = next(alone)
+        loop_alone, _, _, _ = next(alone)
     straight = fit(train_speed.new_model(CPU), x, epochs=2, batch_size=64, binarize=True, device=CPU, seed=0,
                    progress=False)
 
     loop = train_speed.dataloader_epochs(x, CPU, 64, True)
     ours = train_speed.vaelib_epochs(x, CPU, 64, True, "auto", tmp_path / "run")
     for _ in range(2):  # loop, vaelib, loop, vaelib: each consumes random numbers in between the other's
-        loop_model, _, _ = next(loop)
-        vaelib_model, seconds, path = next(ours)
-    assert path == "eager" and seconds > 0
+        loop_model, _, _, _ = next(loop)
+        vaelib_model, seconds, path, setup = next(ours)
+    assert path == "eager" and seconds > 0 and setup == {"capture": 0.0}
     assert torch.equal(_params(loop_model), _params(loop_alone))
     assert torch.equal(_params(vaelib_model), _params(straight.model))
