@@ -1,5 +1,10 @@
-"""Training: :func:`fit` (device choice, seeding, resident data, a CUDA-graph fast path, NaN detection,
-atomic checkpoints, bit-for-bit resume) and :func:`load_run`.
+"""Training: :func:`fit` (device choice, seeding, resident data, NaN detection, atomic checkpoints, bit-for-bit
+resume) and :func:`load_run`.
+
+One step, :func:`train_step` (forward, backward, optimizer update, tally), runs on every path: eagerly in
+:func:`train_epoch` (pytorch/examples' ``train()``), or captured once as a CUDA graph and replayed
+(:class:`vaelib.cuda_graph.GraphStepper`, ``fast="graph"``; what ``fast="auto"`` takes on CUDA for a plain
+``build_vae`` model).
 
 A run directory (``out_dir``) holds
   * ``checkpoint.pt`` — model and optimizer state, RNG states, epoch and history (tensors and plain
@@ -8,8 +13,10 @@ A run directory (``out_dir``) holds
   * ``run.json`` — the model config and the fit settings, human-readable.
 
 Resuming restores the global torch RNG (CPU, and CUDA where used), the data-permutation and binarisation
-generators, the optimizer state and the epoch, so on the CPU ``fit(epochs=4)`` and ``fit(epochs=2)`` followed by
-``fit(epochs=4, resume=True)`` give identical parameters and history (tests/test_training.py checks it).
+generators, the optimizer state and the epoch, so ``fit(epochs=4)`` and ``fit(epochs=2)`` followed by
+``fit(epochs=4, resume=True)`` give identical parameters and history (tests/test_training.py checks it on the CPU,
+for the eager and the CPU-stubbed graph path, and on CUDA where a GPU is present). A graph is captured before
+seeding, so its warm-up's random numbers do not shift the run's.
 """
 
 from __future__ import annotations
@@ -712,5 +719,6 @@ def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None,
                      run_dir=run_dir)
 
 
-__all__ = ["CHECKPOINT_NAME", "FAST_MODES", "FitResult", "LoadedRun", "RunNotFoundError", "TrainingDivergedError",
-           "TrainingInterrupted", "atomic_write", "fit", "load_checkpoint", "load_run", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "FAST_MODES", "GRAPH_MODES", "FitResult", "LoadedRun", "RunNotFoundError",
+           "TrainingDivergedError", "TrainingInterrupted", "atomic_write", "fit", "graph_safe", "load_checkpoint", "load_run", "lr_at_epoch",
+           "save_checkpoint", "train_epoch", "train_step"]
