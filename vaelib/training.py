@@ -720,5 +720,5 @@ def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None,
 
 
 __all__ = ["CHECKPOINT_NAME", "FAST_MODES", "GRAPH_MODES", "FitResult", "LoadedRun", "RunNotFoundError",
-           "TrainingDivergedError", "TrainingInterrupted", "atomic_write", "fit", "graph_safe", "load_checkpoint", "load_run", "lr_at_epoch",
-           "save_checkpoint", "train_epoch", "train_step"]
+           "TrainingDivergedError", "TrainingInterrupted", "atomic_write", "fit", "graph_safe", "load_checkpoint",
+           "load_run", "lr_at_epoch", "save_checkpoint", "train_epoch", "train_step"]
