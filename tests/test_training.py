@@ -592,7 +592,7 @@ def test_cuda_binarised_batches_differ_between_epochs():
                      progress=False)
         assert result.fast == fast
         rec[fast] = [row["train_rec"] for row in result.history]
-    assert rec["graph"] == pytest.approx(rec["eager"], rel=1e-6)
+    assert rec["graph"] == pytest.approx(rec["eager"], rel=1e-4)  # a frozen draw differs by ~1e-2
     assert len(set(rec["graph"])) == 3
 
 
