@@ -610,15 +610,8 @@ def fit(
                 seconds.append(time.perf_counter() - t0)
                 if bad_step >= 0 or not all(math.isfinite(v) for v in acc_host):
                     model.load_state_dict(good_params)
-                    n_steps = math.ceil(n_train / batch_size)
-                    step_txt = f"step {bad_step + 1} of {n_steps}" if bad_step >= 0 else "an unknown step"
-                    where = (f"{ckpt_path} (end of epoch {saved_epoch})" if ckpt_path is not None
-                             else "none written (no out_dir)")
-                    raise TrainingDivergedError(
-                        f"training diverged: the loss became NaN or infinite in epoch {epoch}, {step_txt} "
-                        f"(lr={lr_e:g}, beta={beta_e:g}); the model was restored to the end of epoch {epoch - 1}; "
-                        f"last good checkpoint: {where}. Try a smaller learning rate.",
-                        epoch, bad_step + 1, ckpt_path if ckpt_path is not None else None, history)
+                    raise _diverged(epoch, bad_step, math.ceil(n_train / batch_size), lr_e, beta_e, ckpt_path,
+                                    saved_epoch, history)
                 rec_mean, kl_mean = acc_host[0] / n_train, acc_host[1] / n_train
                 row = {"epoch": epoch, "train_loss": -(rec_mean - beta_e * kl_mean), "train_rec": rec_mean,
                        "train_kl": kl_mean}
@@ -662,6 +655,16 @@ def fit(
     return FitResult(model=model, history=history, device=dev, seconds_per_epoch=seconds, fast=mode,
                      out_dir=run_dir, checkpoint=ckpt_path, resumed_from=start_epoch,
                      setup_seconds={**setup_seconds, **compile_timing}, tf32=bool(tf32))
+
+
+def _diverged(epoch: int, bad_step: int, n_steps: int, lr: float, beta: float, ckpt_path: Path | None,
+              saved_epoch: int, history: list[dict]) -> TrainingDivergedError:
+    step_txt = f"step {bad_step + 1} of {n_steps}" if bad_step >= 0 else "an unknown step"
+    where = f"{ckpt_path} (end of epoch {saved_epoch})" if ckpt_path is not None else "none written (no out_dir)"
+    return TrainingDivergedError(
+        f"training diverged: the loss became NaN or infinite in epoch {epoch}, {step_txt} "
+        f"(lr={lr:g}, beta={beta:g}); the model was restored to the end of epoch {epoch - 1}; "
+        f"last good checkpoint: {where}. Try a smaller learning rate.", epoch, bad_step + 1, ckpt_path, history)
 
 
 @contextlib.contextmanager
