@@ -711,3 +711,12 @@ def test_cuda_graph_nan_detection_and_resume_from_cpu(tmp_path, data):
     with pytest.raises(TrainingDivergedError, match=r"epoch 2, step 1 of 5"):
         fit(tiny_model(), train, epochs=3, batch_size=32, device="cuda", fast="graph", progress=False,
             callback=poison)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_graph_on_a_device_that_is_not_current(data):
+    with torch.cuda.device(0):
+        result = fit(tiny_model(), data[0], epochs=2, batch_size=32, device="cuda:1", fast="graph", progress=False)
+    assert result.fast == "graph" and next(result.model.parameters()).device == torch.device("cuda:1")
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
