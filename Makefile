@@ -20,9 +20,16 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
 .PHONY: book test notebooks data venv lint pairs unit nbval book-strict benchmark scrub clean
 
+# MathJax is served from the site (no CDN): the official npm package's browser bundles, fetched once.
+MATHJAX_VERSION := 3.2.2
+MATHJAX := book/_assets/mathjax/$(MATHJAX_VERSION).version
+
 ## book: build the site into book/_build/html from the stored notebook outputs (the main job)
-book: venv data
+book: venv data $(MATHJAX)
 	$(BIN)/jupyter-book build book
+
+$(MATHJAX): scripts/fetch-mathjax.sh
+	bash scripts/fetch-mathjax.sh $(MATHJAX_VERSION) book/_assets/mathjax
 
 ## test: lint, pair check, unit tests, nbval over every chapter in quick mode, strict book build
 test: venv data lint pairs unit nbval book-strict
@@ -52,7 +59,7 @@ nbval: venv
 	VAELIB_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg book/chapters
 
-book-strict: venv
+book-strict: venv $(MATHJAX)
 	$(BIN)/jupyter-book build book -W -n --keep-going
 
 ## notebooks: sync each .md into its .ipynb and re-execute in FULL mode (regenerates stored outputs). NB=stem for one.
