@@ -19,10 +19,17 @@ from .conftest import SITE
 DESKTOP = {"width": 1400, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
-PAGES = sorted(
-    p.relative_to(SITE).as_posix() for p in SITE.rglob("*.html")
-    if not p.relative_to(SITE).parts[0].startswith("_")
-) if SITE.is_dir() else []
+
+
+def _is_page(path: Path) -> bool:
+    """A page of the book: not under _static/_images, and not a redirect stub (index.html points at the intro,
+    which is tested itself)."""
+    if path.relative_to(SITE).parts[0].startswith("_"):
+        return False
+    return 'http-equiv="refresh"' not in path.read_text(encoding="utf-8", errors="replace")[:2000]
+
+
+PAGES = sorted(p.relative_to(SITE).as_posix() for p in SITE.rglob("*.html") if _is_page(p)) if SITE.is_dir() else []
 
 # Everything measured in one pass once MathJax has finished typesetting the page.
 INSPECT = r"""
@@ -40,6 +47,12 @@ async () => {
     .map((e) => short(e.textContent));
   out.brokenImages = [...document.images]
     .filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.getAttribute("src"));
+  // Figures are 2x PNGs (retina) of matplotlib figures whose text is at least 10 pt, i.e. about 14 px at 1x:
+  // shrunk below 72 % of 1x, their text would be under 10 px on the screen.
+  out.smallFigures = [...document.querySelectorAll(".cell_output img")]
+    .filter((i) => i.naturalWidth > 0 && i.getBoundingClientRect().width < 0.72 * i.naturalWidth / 2)
+    .map((i) => `${i.getAttribute("src")} shown at ${Math.round(200 * i.getBoundingClientRect().width
+                                                               / i.naturalWidth)} % of 1x`);
   out.pageWidth = document.documentElement.scrollWidth;
   out.viewport = window.innerWidth;
   // Display equations: the formula plus its number must fit the equation's box (no sideways scrolling
@@ -106,6 +119,7 @@ def _problems(found: dict, errors: list[str], refused: list[str], desktop: bool)
     if desktop:
         problems += [f"equation wider than the column at 1400 px: {e}" for e in found["wideEquations"]]
         problems += [f"table wider than the column at 1400 px: {t}" for t in found["wideTables"]]
+        problems += [f"figure text under 10 px at 1400 px: {f}" for f in found["smallFigures"]]
     elif found["pageWidth"] > found["viewport"]:
         problems.append(f"page pans sideways on a phone: {found['pageWidth']} px wide in a {found['viewport']} px "
                         "viewport")
