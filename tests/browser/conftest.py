@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-SITE = Path(__file__).resolve().parents[2] / "book" / "_build" / "html"
+# The built site: book/_build/html, or another build named by $VAELIB_SITE.
+SITE = Path(os.environ.get("VAELIB_SITE") or Path(__file__).resolve().parents[2] / "book" / "_build" / "html")
 CHROMIUM = os.environ.get("VAELIB_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Flags for a root, headless, offline Chromium: no sandbox (root), no GPU, and none of the background
 # connections Chromium makes at start (they would be refused on a closed network and logged).

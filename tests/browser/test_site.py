@@ -42,8 +42,8 @@ async () => {
   out.texErrors = [...document.querySelectorAll("mjx-merror, [data-mjx-error]")]
     .map((e) => short(e.getAttribute("data-mjx-error") || e.textContent));
   // An undefined macro (MathJax's noundefined extension) is shown as red text, not as an error node.
-  out.undefinedMacros = [...document.querySelectorAll("mjx-mtext")]
-    .filter((e) => /^\\/.test(e.textContent) && getComputedStyle(e).color === "rgb(255, 0, 0)")
+  // (its MathML copy names the macro: <mtext mathcolor="red">\\foo</mtext>).
+  out.undefinedMacros = [...document.querySelectorAll('mjx-assistive-mml mtext[mathcolor="red"]')]
     .map((e) => short(e.textContent));
   out.brokenImages = [...document.images]
     .filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.getAttribute("src"));
@@ -66,12 +66,17 @@ async () => {
     const label = eqno ? short(eqno.textContent.replace("#", "")) : short(box.textContent).slice(0, 40);
     const numberWidth = eqno ? eqno.getBoundingClientRect().width : 0;
     if (math.getBoundingClientRect().width + numberWidth > box.clientWidth + 1) out.wideEquations.push(label);
+    // The formula's own box must lie inside the equation's box (else part of it is cut off, or runs under
+    // the number) and beside the number; a formula wider than that box scrolls inside it.
+    const c = container.getBoundingClientRect(), b = box.getBoundingClientRect();
+    let hidden = c.left < b.left - 1 || c.right > b.right + 1;
     if (eqno) {
-      const c = container.getBoundingClientRect(), n = eqno.getBoundingClientRect();
+      const n = eqno.getBoundingClientRect();
       const overlap = Math.min(c.right, n.right) - Math.max(c.left, n.left);
       const sameRow = Math.min(c.bottom, n.bottom) - Math.max(c.top, n.top);
-      if (overlap > 1 && sameRow > 1) out.underNumber.push(label);
+      hidden = hidden || (overlap > 1 && sameRow > 1);
     }
+    if (hidden) out.underNumber.push(label);
   }
   const column = document.querySelector("article.bd-article") || document.querySelector("main") || document.body;
   const style = getComputedStyle(column);
@@ -112,7 +117,7 @@ def _problems(found: dict, errors: list[str], refused: list[str], desktop: bool)
     problems = []
     for key, what in [("untypeset", "TeX left unrendered"), ("texErrors", "MathJax error"),
                       ("undefinedMacros", "undefined TeX macro"), ("brokenImages", "broken image"),
-                      ("underNumber", "equation runs under its number")]:
+                      ("underNumber", "equation cut off or under its number")]:
         problems += [f"{what}: {item}" for item in found[key]]
     problems += [f"console error: {e}" for e in errors]
     problems += [f"request off the machine: {u}" for u in refused]
