@@ -18,42 +18,57 @@ QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 # Tests, notebooks and the book import this checkout's vaelib, whichever checkout the venv was installed from.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
-.PHONY: book test notebooks data venv lint pairs unit nbval book-strict benchmark scrub clean
+.PHONY: book test notebooks data venv lint pairs unit nbval book-strict browser benchmark scrub clean
+
+# MathJax is served from the site (no CDN): the official npm package's browser bundles, fetched once.
+MATHJAX_VERSION := 3.2.2
+MATHJAX := book/_assets/mathjax/$(MATHJAX_VERSION).version
 
 ## book: build the site into book/_build/html from the stored notebook outputs (the main job)
-book: venv data
+book: venv data $(MATHJAX)
 	$(BIN)/jupyter-book build book
 
-## test: lint, pair check, unit tests, nbval over every chapter in quick mode, strict book build
-test: venv data lint pairs unit nbval book-strict
+$(MATHJAX): scripts/fetch-mathjax.sh
+	bash scripts/fetch-mathjax.sh $(MATHJAX_VERSION) book/_assets/mathjax
+
+## test: lint, pair check, unit tests, nbval over every chapter in quick mode, strict book build, browser test
+test: venv data lint pairs unit nbval book-strict browser
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" 2>&1 | $(QUIET_PIP)
-	$(PY) -m pip install --quiet -e ".[book]" 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install --quiet -e ".[book,site]" 2>&1 | $(QUIET_PIP)
 	touch $@
 
 ## data: find Fashion-MNIST; as root with apt, install Debian's dataset-fashion-mnist; else say how to get it
 data: venv
 	@bash scripts/ensure-data.sh $(PY)
 
+## lint: ruff over the package and tests; actionlint over the GitHub workflows
 lint: venv
 	$(BIN)/ruff check vaelib tests benchmarks
+	$(BIN)/actionlint
 
 ## pairs: each notebooks/*.md and its book/chapters/*.ipynb have the same cells (read with jupytext)
 pairs: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_chapters.py
 
 unit: venv
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_chapters.py
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_chapters.py --ignore=tests/browser
 
 nbval: venv
 	VAELIB_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg book/chapters
 
-book-strict: venv
+book-strict: venv $(MATHJAX)
+	rm -rf book/_build
 	$(BIN)/jupyter-book build book -W -n --keep-going
+
+## browser: every page of the built site in headless Chromium, offline, at 1400 and 390 px (after book-strict)
+browser: venv
+	bash scripts/ensure-browser.sh
+	@if [ -x "$${VAELIB_CHROMIUM:-/usr/bin/chromium}" ]; then $(PY) -m pytest -q -p no:cacheprovider tests/browser; fi
 
 ## notebooks: sync each .md into its .ipynb and re-execute in FULL mode (regenerates stored outputs). NB=stem for one.
 notebooks: venv data

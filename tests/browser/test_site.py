@@ -1,0 +1,201 @@
+"""The built site as a reader sees it: every page in headless Chromium, offline, on a desktop and a phone.
+
+Run by `make browser` after the book is built (part of `make test`). It fails on: a MathJax error or TeX left
+unrendered, a console error, a request that leaves the machine, a broken image or internal link, a page wider
+than a 390 px phone, a display equation or table wider than the text column at 1400 px, an equation that runs
+under its number, and a search for "ELBO" that finds nothing.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from .conftest import SITE
+
+DESKTOP = {"width": 1400, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+
+def _is_page(path: Path) -> bool:
+    """A page of the book: not under _static/_images, and not a redirect stub (index.html points at the intro,
+    which is tested itself)."""
+    if path.relative_to(SITE).parts[0].startswith("_"):
+        return False
+    return 'http-equiv="refresh"' not in path.read_text(encoding="utf-8", errors="replace")[:2000]
+
+
+PAGES = sorted(p.relative_to(SITE).as_posix() for p in SITE.rglob("*.html") if _is_page(p)) if SITE.is_dir() else []
+
+# Everything measured in one pass once MathJax has finished typesetting the page.
+INSPECT = r"""
+async () => {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) { await MathJax.startup.promise; }
+  const short = (s) => s.replace(/\s+/g, " ").trim().slice(0, 90);
+  const out = {};
+  out.untypeset = [...document.querySelectorAll(".math")]
+    .filter((e) => !e.querySelector("mjx-container")).map((e) => short(e.textContent));
+  out.texErrors = [...document.querySelectorAll("mjx-merror, [data-mjx-error]")]
+    .map((e) => short(e.getAttribute("data-mjx-error") || e.textContent));
+  // An undefined macro (MathJax's noundefined extension) is shown as red text, not as an error node.
+  // (its MathML copy names the macro: <mtext mathcolor="red">\\foo</mtext>).
+  out.undefinedMacros = [...document.querySelectorAll('mjx-assistive-mml mtext[mathcolor="red"]')]
+    .map((e) => short(e.textContent));
+  out.brokenImages = [...document.images]
+    .filter((i) => !(i.complete && i.naturalWidth > 0)).map((i) => i.getAttribute("src"));
+  // Figures are 2x PNGs (retina) of matplotlib figures whose text is at least 10 pt, i.e. about 14 px at 1x:
+  // shrunk below 72 % of 1x, their text would be under 10 px on the screen.
+  out.smallFigures = [...document.querySelectorAll(".cell_output img")]
+    .filter((i) => i.naturalWidth > 0 && i.getBoundingClientRect().width < 0.72 * i.naturalWidth / 2)
+    .map((i) => `${i.getAttribute("src")} shown at ${Math.round(200 * i.getBoundingClientRect().width
+                                                               / i.naturalWidth)} % of 1x`);
+  out.pageWidth = document.documentElement.scrollWidth;
+  out.viewport = window.innerWidth;
+  // Display equations: the formula plus its number must fit the equation's box (no sideways scrolling
+  // needed on a desktop), and the number must never sit on top of the formula.
+  out.wideEquations = []; out.underNumber = [];
+  for (const box of document.querySelectorAll("div.math")) {
+    const math = box.querySelector("mjx-container > mjx-math");
+    if (!math) continue;
+    const container = math.parentElement;
+    const eqno = box.querySelector(".eqno");
+    const label = eqno ? short(eqno.textContent.replace("#", "")) : short(box.textContent).slice(0, 40);
+    const numberWidth = eqno ? eqno.getBoundingClientRect().width : 0;
+    if (math.getBoundingClientRect().width + numberWidth > box.clientWidth + 1) out.wideEquations.push(label);
+    // The formula's own box must lie inside the equation's box (else part of it is cut off, or runs under
+    // the number) and beside the number; a formula wider than that box scrolls inside it.
+    const c = container.getBoundingClientRect(), b = box.getBoundingClientRect();
+    let hidden = c.left < b.left - 1 || c.right > b.right + 1;
+    if (eqno) {
+      const n = eqno.getBoundingClientRect();
+      const overlap = Math.min(c.right, n.right) - Math.max(c.left, n.left);
+      const sameRow = Math.min(c.bottom, n.bottom) - Math.max(c.top, n.top);
+      hidden = hidden || (overlap > 1 && sameRow > 1);
+    }
+    if (hidden) out.underNumber.push(label);
+  }
+  const column = document.querySelector("article.bd-article") || document.querySelector("main") || document.body;
+  const style = getComputedStyle(column);
+  const columnWidth = column.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  // A table is too wide when it is wider than the text column, or is cut off by the box that holds it.
+  out.wideTables = [...column.querySelectorAll("table")]
+    .filter((t) => t.getBoundingClientRect().width > columnWidth + 1
+                   || t.parentElement.scrollWidth > t.parentElement.clientWidth + 1)
+    .map((t) => short(t.textContent).slice(0, 60));
+  return out;
+}
+"""
+
+
+def _open(browser, site_url: str, page_path: str, viewport: dict):
+    """Load a page with every request off this machine refused; collect console errors and refused URLs."""
+    context = browser.new_context(viewport=viewport)
+    refused: list[str] = []
+
+    def route(r):
+        host = urllib.parse.urlsplit(r.request.url).hostname
+        if host in ("127.0.0.1", "localhost"):
+            r.continue_()
+        else:
+            refused.append(r.request.url)
+            r.abort()
+
+    context.route("**/*", route)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{site_url}/{page_path}", wait_until="load")
+    return context, page, errors, refused
+
+
+def _problems(found: dict, errors: list[str], refused: list[str], desktop: bool) -> list[str]:
+    problems = []
+    for key, what in [("untypeset", "TeX left unrendered"), ("texErrors", "MathJax error"),
+                      ("undefinedMacros", "undefined TeX macro"), ("brokenImages", "broken image"),
+                      ("underNumber", "equation cut off or under its number")]:
+        problems += [f"{what}: {item}" for item in found[key]]
+    problems += [f"console error: {e}" for e in errors]
+    problems += [f"request off the machine: {u}" for u in refused]
+    if desktop:
+        problems += [f"equation wider than the column at 1400 px: {e}" for e in found["wideEquations"]]
+        problems += [f"table wider than the column at 1400 px: {t}" for t in found["wideTables"]]
+        problems += [f"figure text under 10 px at 1400 px: {f}" for f in found["smallFigures"]]
+    elif found["pageWidth"] > found["viewport"]:
+        problems.append(f"page pans sideways on a phone: {found['pageWidth']} px wide in a {found['viewport']} px "
+                        "viewport")
+    return problems
+
+
+@pytest.mark.parametrize("page_path", PAGES)
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_page_renders(browser, site_url, page_path, viewport):
+    context, page, errors, refused = _open(browser, site_url, page_path, viewport)
+    try:
+        found = page.evaluate(INSPECT)
+    finally:
+        context.close()
+    problems = _problems(found, errors, refused, desktop=viewport is DESKTOP)
+    assert not problems, f"{page_path} at {viewport['width']} px:\n  " + "\n  ".join(problems)
+
+
+def test_search_finds_elbo(browser, site_url):
+    context, page, errors, refused = _open(browser, site_url, "search.html?q=ELBO", DESKTOP)
+    try:
+        page.wait_for_selector("#search-results ul.search li", timeout=20_000)
+        hits = page.locator("#search-results ul.search li").count()
+    finally:
+        context.close()
+    assert hits > 0 and not errors and not refused, (hits, errors, refused)
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids: set[str] = set()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if attrs.get("id"):
+            self.ids.add(attrs["id"])
+        if tag == "a" and attrs.get("href"):
+            self.links.append(attrs["href"])
+        if tag in ("img", "script") and attrs.get("src"):
+            self.links.append(attrs["src"])
+        if tag == "link" and attrs.get("href"):
+            self.links.append(attrs["href"])
+
+
+def _parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_internal_links_resolve():
+    """Every relative link, image and asset points at a file of the site, and every #anchor exists there."""
+    parsed: dict[Path, _Links] = {}
+    broken = []
+    for page_path in PAGES:
+        page = SITE / page_path
+        links = parsed.setdefault(page, _parse(page))
+        for href in links.links:
+            split = urllib.parse.urlsplit(href)
+            if split.scheme or href.startswith(("//", "mailto:", "javascript:")):
+                continue
+            target = (page.parent / urllib.parse.unquote(split.path)).resolve() if split.path else page
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.is_file():
+                broken.append(f"{page_path}: {href} (no such file)")
+                continue
+            if split.fragment and target.suffix == ".html":
+                ids = parsed.setdefault(target, _parse(target)).ids
+                if urllib.parse.unquote(split.fragment) not in ids:
+                    broken.append(f"{page_path}: {href} (no such anchor)")
+    assert not broken, "\n".join(broken)
