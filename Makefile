@@ -45,9 +45,11 @@ $(STAMP): pyproject.toml
 data: venv
 	@bash scripts/ensure-data.sh $(PY)
 
-## lint: ruff over the package and tests; actionlint over the GitHub workflows
+## lint: ruff over the package and tests, line length of the chapters' code, actionlint over the workflows
 lint: venv
 	$(BIN)/ruff check vaelib tests benchmarks
+	# The chapters' code is read in an ~88-column column on the site and in Colab.
+	$(BIN)/ruff check --select E501 --line-length 88 book/chapters
 	$(BIN)/actionlint
 
 ## pairs: each notebooks/*.md and its book/chapters/*.ipynb have the same cells (read with jupytext)
