@@ -1,18 +1,36 @@
 """Command line: ``python -m vaelib {train,eval,data} ...`` (see ``python -m vaelib <command> --help``).
 
-Exit codes: 0 success, 2 bad arguments or a domain error (missing data or run directory, divergence; one line on
-stderr, no traceback), 130 interrupted (Ctrl-C) after saving a resumable checkpoint.
+Exit codes: 0 success; 2 bad arguments or a fault vaelib can name (a :class:`~vaelib.errors.VaelibError`: missing
+or corrupt data, a missing run, divergence; or an OS error: permission denied, not a directory, no space left),
+always one line on stderr — ``--debug`` adds the traceback; 130 interrupted by Ctrl-C and 143 by SIGTERM (handled
+alike), after saving a resumable checkpoint when training.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import shlex
+import signal
 import sys
+import tempfile
+import threading
+import traceback
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
+from vaelib.errors import VaelibError
+
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+_MAX_SEED = 2**63 - 2  # torch generators take 64-bit seeds; fit also seeds a generator with seed + 1
+
+
+class CommandLineError(VaelibError, ValueError):
+    """An option's value that the parser could not judge alone (e.g. --out names a file)."""
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -22,25 +40,46 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+# Argument types. Their messages follow argparse's "argument --seed: ", so they say what was expected in the
+# user's words; a ValueError would make argparse name the function instead ("invalid _nonnegative_int value").
+def _integer(text: str, low: int, what: str, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
 def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return _integer(text, 0, "a non-negative integer")
+
+
+def _seed(text: str) -> int:
+    return _integer(text, 0, "a non-negative integer below 2**63 - 1", _MAX_SEED)
+
+
+def _number(text: str, what: str, ok) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):  # nan and inf parse as floats but are no step size or weight
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return _number(text, "a finite positive number", lambda v: v > 0)
+
+
+def _nonnegative_float(text: str) -> float:
+    return _number(text, "a finite number >= 0", lambda v: v >= 0)
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -50,7 +89,7 @@ def _widths(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers such as 400 or 200,200, got {text!r}") from None
     if any(w < 1 for w in widths):
-        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive widths, got {text!r}")
     return widths
 
 
@@ -85,12 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: %(default)s)")
     tr.add_argument("--lr-final", type=_positive_float, default=None,
                     help="decay the learning rate geometrically to this value in the last epoch (default: constant)")
-    tr.add_argument("--beta", type=float, default=1.0, help="KL weight (default: %(default)s)")
+    tr.add_argument("--beta", type=_nonnegative_float, default=1.0, help="KL weight (default: %(default)s)")
     tr.add_argument("--warmup-epochs", type=_nonnegative_int, default=0,
                     help="linear KL warm-up from 0 to beta over this many epochs (default: %(default)s)")
     tr.add_argument("--kl", choices=("analytic", "mc"), default="analytic",
                     help="KL estimator (default: %(default)s)")
-    tr.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    tr.add_argument("--seed", type=_seed, default=0, help="(default: %(default)s)")
     tr.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda > mps > cpu)")
     tr.add_argument("--fast", choices=FAST_MODES, default="auto",
                     help="training path: auto = CUDA graph on CUDA, eager elsewhere (default: %(default)s)")
@@ -115,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use only the first N test images for everything")
     ev.add_argument("--data-root", metavar="DIR", help="folder with the IDX files (default: as in training)")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda > mps > cpu)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo estimates (default: %(default)s)")
+    ev.add_argument("--seed", type=_seed, default=0, help="seed of the Monte-Carlo estimates (default: %(default)s)")
     ev.add_argument("--max-elements", type=_positive_int, default=None, metavar="N",
                     help="memory bound: decoder outputs per IWAE chunk (default: 2^27 on CUDA, 2^24 on CPU)")
 
@@ -124,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("name", metavar="NAME", help="fashion-mnist or mnist")
     da.add_argument("--root", metavar="DIR", help="look here first (and download here with --download)")
     da.add_argument("--download", action="store_true", help="download through torchvision if missing")
+    for command in (tr, ev, da):
+        command.add_argument("--debug", action="store_true", help="on an error, also print the traceback")
     return parser
 
 
@@ -143,7 +184,26 @@ def _load_images(dataset: str, split: str, root, binarize: str, seed: int, size:
     images, labels = data.images, data.labels
     if size is not None:
         images, labels = images[:size], labels[:size]
-    return images, labels
+    return images, labels, data.source
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """Fail now, not after minutes of work, if ``folder`` (or the folder that would hold it) cannot be written."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f": {existing}"
+        raise CommandLineError(f"{option} {folder}{where} is not a directory")
+    if existing != folder:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise CommandLineError(f"{option} {folder}: permission denied: cannot create it in {existing}")
+        return
+    try:  # a real file, not os.access: also catches a read-only file system, ACLs and root squash
+        probe = tempfile.TemporaryFile(dir=folder, prefix=".vaelib-write-test.")
+    except OSError as err:
+        raise CommandLineError(f"{option} {folder}: cannot write there ({_describe_os_error(err, bare=True)})") from err
+    probe.close()
 
 
 def cmd_train(args) -> int:
@@ -153,14 +213,17 @@ def cmd_train(args) -> int:
     from vaelib.training import TrainingInterrupted, fit
 
     device = _device(args.device)
-    train_x, _ = _load_images(args.dataset, "train", args.data_root, args.binarize, args.seed, args.train_size)
+    _check_writable(Path(args.out), "--out")
+    train_x, _, data_path = _load_images(args.dataset, "train", args.data_root, args.binarize, args.seed,
+                                         args.train_size)
     test_x = None
     if args.test_size != 0:
-        test_x, _ = _load_images(args.dataset, "test", args.data_root, args.binarize, args.seed, args.test_size)
+        test_x, _, _ = _load_images(args.dataset, "test", args.data_root, args.binarize, args.seed, args.test_size)
     torch.manual_seed(args.seed)  # the initial weights
     model = build_vae(args.arch, input_dim=train_x.shape[1], latent_dim=args.latent, hidden=args.hidden,
                       activation=args.activation, likelihood=args.likelihood, sigma=args.sigma)
-    run_info = {"dataset": args.dataset, "data_root": args.data_root, "binarize": args.binarize,
+    run_info = {"dataset": args.dataset, "data_root": args.data_root, "data_path": str(data_path),
+                "binarize": args.binarize,
                 "train_size": args.train_size, "test_size": args.test_size, "seed": args.seed,
                 "command": "python -m vaelib " + shlex.join(args.argv)}
     try:
@@ -174,8 +237,9 @@ def cmd_train(args) -> int:
         argv = [a for a in args.argv if a != "--resume"] + ["--resume"]
         where = (f"a resumable checkpoint (epoch {stop.epoch}) is in {stop.checkpoint}"
                  if stop.checkpoint is not None else "nothing was saved")
-        print(f"vaelib: interrupted; {where}. Resume with: python -m vaelib {shlex.join(argv)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"vaelib train: interrupted{_signal_words()}; {where}. Resume with: python -m vaelib "
+              f"{shlex.join(argv)}", file=sys.stderr)
+        return _interrupted_exit_code()
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k}={last[k]:.3f}" for k in ("train_loss", "test_elbo") if k in last)
     secs = sum(result.seconds_per_epoch)
@@ -194,8 +258,9 @@ def cmd_eval(args) -> int:
     info = run.run.get("run_info", {})
     if "dataset" not in info:
         raise ValueError(f"{args.run_dir}: run.json does not say which data set was used (not a CLI run?)")
+    _check_writable(Path(args.run_dir), "RUN_DIR")  # before minutes of IWAE, not after
     root = args.data_root or info.get("data_root")
-    test_x, _ = _load_images(info["dataset"], "test", root, info.get("binarize", "none"), info.get("seed", 0),
+    test_x, _, _ = _load_images(info["dataset"], "test", root, info.get("binarize", "none"), info.get("seed", 0),
                              args.test_size)
     model = run.model
     torch.manual_seed(args.seed)
@@ -237,21 +302,86 @@ def cmd_data(args) -> int:
     return EXIT_OK
 
 
+def _describe_os_error(err: OSError, bare: bool = False) -> str:
+    """An OSError as one line that names the fault in plain words (permission, not a directory, no space)."""
+    if err.errno is None:  # raised with a message only (vaelib's own FileNotFoundErrors)
+        return str(err)
+    what = {errno.EACCES: "permission denied", errno.EPERM: "permission denied (operation not permitted)",
+            errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory, not a file",
+            errno.EEXIST: "already exists", errno.EROFS: "read-only file system",
+            errno.ENOENT: "no such file or directory"}.get(err.errno, err.strerror or str(err))
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return what if bare or not names else f"{what}: {' -> '.join(names)}"
+
+
+_signals: list[int] = []  # the signals turned into KeyboardInterrupt during the current command
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's or `kill`'s stop) handled like Ctrl-C: training saves its pending epochs first."""
+    _signals.clear()
+
+    def handler(signum, frame):
+        _signals.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _signal_words() -> str:
+    return " by SIGTERM" if _signals else ""
+
+
+def _interrupted_exit_code() -> int:
+    return 128 + _signals[-1] if _signals else EXIT_INTERRUPTED
+
+
+def _one_line_warnings(prefix: str):
+    from vaelib.data import DataNote
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        kind = "note" if issubclass(category, DataNote) else "warning"
+        print(f"{prefix}: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
-    from vaelib.data import DataError
     from vaelib.training import RunNotFoundError, TrainingDivergedError
 
     command = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command]
-    try:
-        return command(args)
-    except (DataError, RunNotFoundError, TrainingDivergedError, FileNotFoundError, ValueError, TypeError) as err:
-        message = " ".join(str(err).split())  # one line, whatever the exception put in it
-        print(f"vaelib {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
+    prefix = f"vaelib {args.command}"
+
+    def fail(message: str, code: int = EXIT_ERROR) -> int:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prefix}: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message held
+        return code
+
+    with warnings.catch_warnings(), _sigterm_as_interrupt():
+        warnings.showwarning = _one_line_warnings(prefix)
+        try:
+            return command(args)
+        except KeyboardInterrupt:
+            return fail(f"interrupted{_signal_words()}", _interrupted_exit_code())
+        # ValueError/TypeError: the argument checks of fit and the models (not VaelibErrors yet).
+        except (VaelibError, RunNotFoundError, TrainingDivergedError, ValueError, TypeError) as err:
+            return fail(f"error: {err}")
+        except OSError as err:
+            return fail(f"error: {_describe_os_error(err)}")
 
 
 if __name__ == "__main__":  # pragma: no cover
