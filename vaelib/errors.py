@@ -12,4 +12,8 @@ class VaelibError(Exception):
     """Base class of vaelib's errors: the message is complete and fit for one line."""
 
 
-__all__ = ["VaelibError"]
+class InvalidInputError(VaelibError, ValueError):
+    """Data given to a vaelib function that it cannot use (empty, NaN or infinite values)."""
+
+
+__all__ = ["InvalidInputError", "VaelibError"]
