@@ -93,6 +93,25 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
+# The train options that define a run: resuming with another value is refused. On --resume, these and
+# CHANGEABLE_ON_RESUME take the run's values unless given.
+RUN_OPTIONS = ("dataset", "binarize", "train_size", "test_size", "seed", "batch_size", "lr", "lr_final", "beta",
+               "warmup_epochs", "kl", "arch", "latent", "hidden", "activation", "likelihood", "sigma")
+CHANGEABLE_ON_RESUME = ("epochs", "checkpoint_every", "data_root", "fast")  # and --device, --no-progress
+
+
+def _given(argv: list[str]) -> dict:
+    """The options ``argv`` names explicitly (dest -> value), defaults left out."""
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vaelib.models import ACTIVATIONS, ARCHS, LIKELIHOODS
     from vaelib.training import FAST_MODES
@@ -139,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use only the first N training images (quick runs)")
     tr.add_argument("--test-size", type=_nonnegative_int, default=None, metavar="N",
                     help="evaluate on the first N test images each epoch (0: none; default: all)")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its checkpoint; options not given are the run's, and only "
+                         + ", ".join(map(_option, CHANGEABLE_ON_RESUME)) + " and --device may differ from them")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the run in --out (its files go once the new run's first checkpoint is written)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="evaluate a trained run on the test set",
@@ -206,6 +229,32 @@ def _check_writable(folder: Path, option: str) -> None:
     probe.close()
 
 
+def _resume_options(args, out: Path) -> dict:
+    """For --resume: the run's model config, after taking the run's value for every RUN_OPTIONS option not given
+    and refusing one given with another value."""
+    from vaelib.runs import CHECKPOINT_NAME, RunNotFoundError, load_checkpoint
+
+    if not out.is_dir():
+        raise RunNotFoundError(f"run directory {out} does not exist (nothing to resume)")
+    ckpt = load_checkpoint(out / CHECKPOINT_NAME)
+    saved = (ckpt.get("run_info") or {}).get("options") or {}
+    given = _given(args.argv)
+
+    def same(a, b) -> bool:
+        return (list(a) if isinstance(a, tuple | list) else a) == (list(b) if isinstance(b, tuple | list) else b)
+
+    differ = [f"{_option(d)} {given[d]!r} is not the run's {saved[d]!r}" for d in RUN_OPTIONS
+              if d in given and d in saved and not same(given[d], saved[d])]
+    if differ:
+        raise CommandLineError(f"cannot resume {out} with other options: {'; '.join(differ)} (on resume only "
+                               f"{', '.join(map(_option, CHANGEABLE_ON_RESUME))} and --device may change; to start "
+                               "afresh, use --overwrite)")
+    for dest in RUN_OPTIONS + CHANGEABLE_ON_RESUME:
+        if dest in saved and dest not in given:
+            setattr(args, dest, tuple(saved[dest]) if dest == "hidden" and saved[dest] else saved[dest])
+    return ckpt.get("model_config") or {}
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -213,28 +262,34 @@ def cmd_train(args) -> int:
     from vaelib.training import TrainingInterrupted, fit
 
     device = _device(args.device)
-    _check_writable(Path(args.out), "--out")
+    out = Path(args.out)
+    _check_writable(out, "--out")
+    if args.resume and args.overwrite:
+        raise CommandLineError("--resume and --overwrite contradict each other")
+    config = _resume_options(args, out) if args.resume else {}
     train_x, _, data_path = _load_images(args.dataset, "train", args.data_root, args.binarize, args.seed,
                                          args.train_size)
     test_x = None
     if args.test_size != 0:
         test_x, _, _ = _load_images(args.dataset, "test", args.data_root, args.binarize, args.seed, args.test_size)
     torch.manual_seed(args.seed)  # the initial weights
-    model = build_vae(args.arch, input_dim=train_x.shape[1], latent_dim=args.latent, hidden=args.hidden,
-                      activation=args.activation, likelihood=args.likelihood, sigma=args.sigma)
+    if config:  # resuming: the run's model, whatever the defaults say (the weights come from the checkpoint)
+        model = build_vae(**config)
+    else:
+        model = build_vae(args.arch, input_dim=train_x.shape[1], latent_dim=args.latent, hidden=args.hidden,
+                          activation=args.activation, likelihood=args.likelihood, sigma=args.sigma)
+    options = {d: getattr(args, d) for d in RUN_OPTIONS + CHANGEABLE_ON_RESUME}
     run_info = {"dataset": args.dataset, "data_root": args.data_root, "data_path": str(data_path),
-                "binarize": args.binarize,
-                "train_size": args.train_size, "test_size": args.test_size, "seed": args.seed,
-                "command": "python -m vaelib " + shlex.join(args.argv)}
+                "binarize": args.binarize, "train_size": args.train_size, "test_size": args.test_size,
+                "seed": args.seed, "options": options, "command": "python -m vaelib " + shlex.join(args.argv)}
     try:
         result = fit(model, train_x, test_x, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      lr_final=args.lr_final, beta=args.beta, warmup_epochs=args.warmup_epochs,
-                     binarize=args.binarize == "dynamic",
-                     device=device, seed=args.seed, out_dir=args.out, resume=args.resume, fast=args.fast,
-                     progress=not args.no_progress, checkpoint_every=args.checkpoint_every, kl=args.kl,
-                     run_info=run_info)
+                     binarize=args.binarize == "dynamic", device=device, seed=args.seed, out_dir=out,
+                     resume=args.resume, overwrite=args.overwrite, fast=args.fast, progress=not args.no_progress,
+                     checkpoint_every=args.checkpoint_every, kl=args.kl, run_info=run_info)
     except TrainingInterrupted as stop:
-        argv = [a for a in args.argv if a != "--resume"] + ["--resume"]
+        argv = [a for a in args.argv if a not in ("--resume", "--overwrite")] + ["--resume"]
         where = (f"a resumable checkpoint (epoch {stop.epoch}) is in {stop.checkpoint}"
                  if stop.checkpoint is not None else "nothing was saved")
         print(f"vaelib train: interrupted{_signal_words()}; {where}. Resume with: python -m vaelib "
@@ -252,37 +307,42 @@ def cmd_eval(args) -> int:
     import torch
 
     from vaelib.evaluation import active_units, evaluate_elbo, iwae_nll, kl_per_dimension
-    from vaelib.training import atomic_write, load_run
+    from vaelib.runs import EVAL_JSON, RunLock, RunNotFoundError, atomic_write, load_run
 
-    run = load_run(args.run_dir, device=_device(args.device))
-    info = run.run.get("run_info", {})
-    if "dataset" not in info:
-        raise ValueError(f"{args.run_dir}: run.json does not say which data set was used (not a CLI run?)")
-    _check_writable(Path(args.run_dir), "RUN_DIR")  # before minutes of IWAE, not after
-    root = args.data_root or info.get("data_root")
-    test_x, _, _ = _load_images(info["dataset"], "test", root, info.get("binarize", "none"), info.get("seed", 0),
-                             args.test_size)
-    model = run.model
-    torch.manual_seed(args.seed)
-    results: dict = {"run_dir": str(args.run_dir), "epoch": run.epoch, "test_images": len(test_x)}
-    results.update({f"test_{k}": v for k, v in evaluate_elbo(model, test_x).items()})
-    count, variances = active_units(model, test_x)
-    results["active_units"] = count
-    results["latent_dim"] = model.latent_dim
-    results["au_variances"] = [round(v, 6) for v in variances.tolist()]
-    results["kl_per_dimension"] = [round(v, 6) for v in kl_per_dimension(model, test_x).tolist()]
-    if args.iwae_k > 0:
-        n = min(len(test_x), args.iwae_images or len(test_x))
-        results["iwae_k"], results["iwae_images"] = args.iwae_k, n
-        results["iwae_nll"] = iwae_nll(model, test_x[:n], k=args.iwae_k, max_elements=args.max_elements)
-    print(f"run {args.run_dir} (epoch {run.epoch}), {len(test_x)} test images")
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise RunNotFoundError(f"run directory {run_dir} does not exist")
+    device = _device(args.device)
+    _check_writable(run_dir, "RUN_DIR")  # before minutes of IWAE, not after
+    with RunLock(run_dir):  # no trainer writes the run while it is evaluated
+        run = load_run(run_dir, device=device)
+        info = run.run.get("run_info", {})
+        if "dataset" not in info:
+            raise CommandLineError(f"{run_dir}: run.json does not say which data set was used (not a CLI run?)")
+        root = args.data_root or info.get("data_root")
+        test_x, _, _ = _load_images(info["dataset"], "test", root, info.get("binarize", "none"),
+                                    info.get("seed", 0), args.test_size)
+        model = run.model
+        torch.manual_seed(args.seed)
+        results: dict = {"run_dir": str(run_dir), "epoch": run.epoch, "test_images": len(test_x)}
+        results.update({f"test_{k}": v for k, v in evaluate_elbo(model, test_x).items()})
+        count, variances = active_units(model, test_x)
+        results["active_units"] = count
+        results["latent_dim"] = model.latent_dim
+        results["au_variances"] = [round(v, 6) for v in variances.tolist()]
+        results["kl_per_dimension"] = [round(v, 6) for v in kl_per_dimension(model, test_x).tolist()]
+        if args.iwae_k > 0:
+            n = min(len(test_x), args.iwae_images or len(test_x))
+            results["iwae_k"], results["iwae_images"] = args.iwae_k, n
+            results["iwae_nll"] = iwae_nll(model, test_x[:n], k=args.iwae_k, max_elements=args.max_elements)
+        out = run_dir / EVAL_JSON
+        atomic_write(out, lambda fh: fh.write(json.dumps(results, indent=1).encode()))  # never a torn eval.json
+    print(f"run {run_dir} (epoch {run.epoch}), {len(test_x)} test images")
     print(f"  test ELBO        {results['test_elbo']:.3f} nats (rec {results['test_rec']:.3f}, "
           f"KL {results['test_kl']:.3f})")
     if "iwae_nll" in results:
         print(f"  IWAE NLL (k={args.iwae_k}, {results['iwae_images']} images)  {results['iwae_nll']:.3f} nats")
     print(f"  active units     {count} of {model.latent_dim} (Var_x E_q[z_j] > 0.01)")
-    out = Path(args.run_dir) / "eval.json"
-    atomic_write(out, lambda fh: fh.write(json.dumps(results, indent=1).encode()))  # never a torn eval.json
     print(f"  written to {out}")
     return EXIT_OK
 
@@ -357,10 +417,12 @@ def _one_line_warnings(prefix: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while Python imports torch
+        print("vaelib: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     args.argv = argv
-    from vaelib.training import RunNotFoundError, TrainingDivergedError
 
     command = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command]
     prefix = f"vaelib {args.command}"
@@ -377,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
             return command(args)
         except KeyboardInterrupt:
             return fail(f"interrupted{_signal_words()}", _interrupted_exit_code())
-        # ValueError/TypeError: the argument checks of fit and the models (not VaelibErrors yet).
-        except (VaelibError, RunNotFoundError, TrainingDivergedError, ValueError, TypeError) as err:
+        # ValueError: an argument check of the library that the parser could not make (one line too; --debug
+        # shows where it came from).
+        except (VaelibError, ValueError) as err:
             return fail(f"error: {err}")
         except OSError as err:
             return fail(f"error: {_describe_os_error(err)}")
