@@ -296,7 +296,11 @@ class RunDirectory:
                 raise RunNotFoundError(f"run directory {self.path} does not exist (nothing to resume)")
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = RunLock(self.path).__enter__()
-            remove_stale_temp_files(self.path)
+            try:
+                remove_stale_temp_files(self.path)
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
