@@ -48,7 +48,8 @@ from vaelib.data import dynamic_binarize, load_split
 from vaelib.evaluation import evaluate_elbo, iwae_nll
 from vaelib.models import build_vae
 from vaelib.objectives import elbo
-from vaelib.training import atomic_write, fit
+from vaelib.runs import atomic_write
+from vaelib.training import fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: vaelib's trainers and the fit(fast=...) each one times; the graph ones need CUDA.

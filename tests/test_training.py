@@ -12,15 +12,8 @@ from torch import nn
 import vaelib.training as training
 from vaelib.cuda_graph import WARMUP_STEPS, GraphStepper
 from vaelib.models import build_vae
-from vaelib.training import (
-    CHECKPOINT_NAME,
-    RunNotFoundError,
-    TrainingDivergedError,
-    TrainingInterrupted,
-    fit,
-    load_checkpoint,
-    load_run,
-)
+from vaelib.runs import CHECKPOINT_NAME, RunNotFoundError, load_checkpoint, load_run
+from vaelib.training import TrainingDivergedError, TrainingInterrupted, fit
 
 # CUDA tests carry both marks: `cuda` (the autouse fixture in conftest.py leaves them on the GPU; `-m "not cuda"`
 # deselects them) and the skip where no GPU is present.

@@ -1,18 +1,36 @@
 """Command line: ``python -m vaelib {train,eval,data} ...`` (see ``python -m vaelib <command> --help``).
 
-Exit codes: 0 success, 2 bad arguments or a domain error (missing data or run directory, divergence; one line on
-stderr, no traceback), 130 interrupted (Ctrl-C) after saving a resumable checkpoint.
+Exit codes: 0 success; 2 bad arguments or a fault vaelib can name (a :class:`~vaelib.errors.VaelibError`: missing
+or corrupt data, a missing run, divergence; or an OS error: permission denied, not a directory, no space left),
+always one line on stderr — ``--debug`` adds the traceback; 130 interrupted by Ctrl-C and 143 by SIGTERM (handled
+alike), after saving a resumable checkpoint when training.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import shlex
+import signal
 import sys
+import tempfile
+import threading
+import traceback
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
+from vaelib.errors import VaelibError
+
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+_MAX_SEED = 2**63 - 2  # torch generators take 64-bit seeds; fit also seeds a generator with seed + 1
+
+
+class CommandLineError(VaelibError, ValueError):
+    """An option's value that the parser could not judge alone (e.g. --out names a file)."""
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -22,25 +40,46 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+# Argument types. Their messages follow argparse's "argument --seed: ", so they say what was expected in the
+# user's words; a ValueError would make argparse name the function instead ("invalid _nonnegative_int value").
+def _integer(text: str, low: int, what: str, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
 def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return _integer(text, 0, "a non-negative integer")
+
+
+def _seed(text: str) -> int:
+    return _integer(text, 0, "a non-negative integer below 2**63 - 1", _MAX_SEED)
+
+
+def _number(text: str, what: str, ok) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):  # nan and inf parse as floats but are no step size or weight
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return _number(text, "a finite positive number", lambda v: v > 0)
+
+
+def _nonnegative_float(text: str) -> float:
+    return _number(text, "a finite number >= 0", lambda v: v >= 0)
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -50,8 +89,27 @@ def _widths(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers such as 400 or 200,200, got {text!r}") from None
     if any(w < 1 for w in widths):
-        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive widths, got {text!r}")
     return widths
+
+
+# The train options that define a run: resuming with another value is refused. On --resume, these and
+# CHANGEABLE_ON_RESUME take the run's values unless given.
+RUN_OPTIONS = ("dataset", "binarize", "train_size", "test_size", "seed", "batch_size", "lr", "lr_final", "beta",
+               "warmup_epochs", "kl", "arch", "latent", "hidden", "activation", "likelihood", "sigma")
+CHANGEABLE_ON_RESUME = ("epochs", "checkpoint_every", "data_root", "fast")  # and --device, --no-progress
+
+
+def _given(argv: list[str]) -> dict:
+    """The options ``argv`` names explicitly (dest -> value), defaults left out."""
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: %(default)s)")
     tr.add_argument("--lr-final", type=_positive_float, default=None,
                     help="decay the learning rate geometrically to this value in the last epoch (default: constant)")
-    tr.add_argument("--beta", type=float, default=1.0, help="KL weight (default: %(default)s)")
+    tr.add_argument("--beta", type=_nonnegative_float, default=1.0, help="KL weight (default: %(default)s)")
     tr.add_argument("--warmup-epochs", type=_nonnegative_int, default=0,
                     help="linear KL warm-up from 0 to beta over this many epochs (default: %(default)s)")
     tr.add_argument("--kl", choices=("analytic", "mc"), default="analytic",
                     help="KL estimator (default: %(default)s)")
-    tr.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    tr.add_argument("--seed", type=_seed, default=0, help="(default: %(default)s)")
     tr.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda > mps > cpu)")
     tr.add_argument("--fast", choices=FAST_MODES, default="auto",
                     help="training path: auto = CUDA graph on CUDA, eager elsewhere (default: %(default)s)")
@@ -100,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use only the first N training images (quick runs)")
     tr.add_argument("--test-size", type=_nonnegative_int, default=None, metavar="N",
                     help="evaluate on the first N test images each epoch (0: none; default: all)")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its checkpoint; options not given are the run's, and only "
+                         + ", ".join(map(_option, CHANGEABLE_ON_RESUME)) + " and --device may differ from them")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the run in --out (its files go once the new run's first checkpoint is written)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="evaluate a trained run on the test set",
@@ -115,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use only the first N test images for everything")
     ev.add_argument("--data-root", metavar="DIR", help="folder with the IDX files (default: as in training)")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda > mps > cpu)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo estimates (default: %(default)s)")
+    ev.add_argument("--seed", type=_seed, default=0, help="seed of the Monte-Carlo estimates (default: %(default)s)")
     ev.add_argument("--max-elements", type=_positive_int, default=None, metavar="N",
                     help="memory bound: decoder outputs per IWAE chunk (default: 2^27 on CUDA, 2^24 on CPU)")
 
@@ -124,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("name", metavar="NAME", help="fashion-mnist or mnist")
     da.add_argument("--root", metavar="DIR", help="look here first (and download here with --download)")
     da.add_argument("--download", action="store_true", help="download through torchvision if missing")
+    for command in (tr, ev, da):
+        command.add_argument("--debug", action="store_true", help="on an error, also print the traceback")
     return parser
 
 
@@ -143,7 +207,52 @@ def _load_images(dataset: str, split: str, root, binarize: str, seed: int, size:
     images, labels = data.images, data.labels
     if size is not None:
         images, labels = images[:size], labels[:size]
-    return images, labels
+    return images, labels, data.source
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """Fail now, not after minutes of work, if ``folder`` (or the folder that would hold it) cannot be written."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f": {existing}"
+        raise CommandLineError(f"{option} {folder}{where} is not a directory")
+    if existing != folder:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise CommandLineError(f"{option} {folder}: permission denied: cannot create it in {existing}")
+        return
+    try:  # a real file, not os.access: also catches a read-only file system, ACLs and root squash
+        probe = tempfile.TemporaryFile(dir=folder, prefix=".vaelib-write-test.")
+    except OSError as err:
+        raise CommandLineError(f"{option} {folder}: cannot write there ({_describe_os_error(err, bare=True)})") from err
+    probe.close()
+
+
+def _resume_options(args, out: Path) -> dict:
+    """For --resume: the run's model config, after taking the run's value for every RUN_OPTIONS option not given
+    and refusing one given with another value."""
+    from vaelib.runs import CHECKPOINT_NAME, RunNotFoundError, load_checkpoint
+
+    if not out.is_dir():
+        raise RunNotFoundError(f"run directory {out} does not exist (nothing to resume)")
+    ckpt = load_checkpoint(out / CHECKPOINT_NAME)
+    saved = (ckpt.get("run_info") or {}).get("options") or {}
+    given = _given(args.argv)
+
+    def same(a, b) -> bool:
+        return (list(a) if isinstance(a, tuple | list) else a) == (list(b) if isinstance(b, tuple | list) else b)
+
+    differ = [f"{_option(d)} {given[d]!r} is not the run's {saved[d]!r}" for d in RUN_OPTIONS
+              if d in given and d in saved and not same(given[d], saved[d])]
+    if differ:
+        raise CommandLineError(f"cannot resume {out} with other options: {'; '.join(differ)} (on resume only "
+                               f"{', '.join(map(_option, CHANGEABLE_ON_RESUME))} and --device may change; to start "
+                               "afresh, use --overwrite)")
+    for dest in RUN_OPTIONS + CHANGEABLE_ON_RESUME:
+        if dest in saved and dest not in given:
+            setattr(args, dest, tuple(saved[dest]) if dest == "hidden" and saved[dest] else saved[dest])
+    return ckpt.get("model_config") or {}
 
 
 def cmd_train(args) -> int:
@@ -153,29 +262,39 @@ def cmd_train(args) -> int:
     from vaelib.training import TrainingInterrupted, fit
 
     device = _device(args.device)
-    train_x, _ = _load_images(args.dataset, "train", args.data_root, args.binarize, args.seed, args.train_size)
+    out = Path(args.out)
+    _check_writable(out, "--out")
+    if args.resume and args.overwrite:
+        raise CommandLineError("--resume and --overwrite contradict each other")
+    config = _resume_options(args, out) if args.resume else {}
+    train_x, _, data_path = _load_images(args.dataset, "train", args.data_root, args.binarize, args.seed,
+                                         args.train_size)
     test_x = None
     if args.test_size != 0:
-        test_x, _ = _load_images(args.dataset, "test", args.data_root, args.binarize, args.seed, args.test_size)
+        test_x, _, _ = _load_images(args.dataset, "test", args.data_root, args.binarize, args.seed, args.test_size)
     torch.manual_seed(args.seed)  # the initial weights
-    model = build_vae(args.arch, input_dim=train_x.shape[1], latent_dim=args.latent, hidden=args.hidden,
-                      activation=args.activation, likelihood=args.likelihood, sigma=args.sigma)
-    run_info = {"dataset": args.dataset, "data_root": args.data_root, "binarize": args.binarize,
-                "train_size": args.train_size, "test_size": args.test_size, "seed": args.seed,
-                "command": "python -m vaelib " + shlex.join(args.argv)}
+    if config:  # resuming: the run's model, whatever the defaults say (the weights come from the checkpoint)
+        model = build_vae(**config)
+    else:
+        model = build_vae(args.arch, input_dim=train_x.shape[1], latent_dim=args.latent, hidden=args.hidden,
+                          activation=args.activation, likelihood=args.likelihood, sigma=args.sigma)
+    options = {d: getattr(args, d) for d in RUN_OPTIONS + CHANGEABLE_ON_RESUME}
+    run_info = {"dataset": args.dataset, "data_root": args.data_root, "data_path": str(data_path),
+                "binarize": args.binarize, "train_size": args.train_size, "test_size": args.test_size,
+                "seed": args.seed, "options": options, "command": "python -m vaelib " + shlex.join(args.argv)}
     try:
         result = fit(model, train_x, test_x, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                      lr_final=args.lr_final, beta=args.beta, warmup_epochs=args.warmup_epochs,
-                     binarize=args.binarize == "dynamic",
-                     device=device, seed=args.seed, out_dir=args.out, resume=args.resume, fast=args.fast,
-                     progress=not args.no_progress, checkpoint_every=args.checkpoint_every, kl=args.kl,
-                     run_info=run_info)
+                     binarize=args.binarize == "dynamic", device=device, seed=args.seed, out_dir=out,
+                     resume=args.resume, overwrite=args.overwrite, fast=args.fast, progress=not args.no_progress,
+                     checkpoint_every=args.checkpoint_every, kl=args.kl, run_info=run_info)
     except TrainingInterrupted as stop:
-        argv = [a for a in args.argv if a != "--resume"] + ["--resume"]
+        argv = [a for a in args.argv if a not in ("--resume", "--overwrite")] + ["--resume"]
         where = (f"a resumable checkpoint (epoch {stop.epoch}) is in {stop.checkpoint}"
                  if stop.checkpoint is not None else "nothing was saved")
-        print(f"vaelib: interrupted; {where}. Resume with: python -m vaelib {shlex.join(argv)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"vaelib train: interrupted{_signal_words()}; {where}. Resume with: python -m vaelib "
+              f"{shlex.join(argv)}", file=sys.stderr)
+        return _interrupted_exit_code()
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k}={last[k]:.3f}" for k in ("train_loss", "test_elbo") if k in last)
     secs = sum(result.seconds_per_epoch)
@@ -188,36 +307,42 @@ def cmd_eval(args) -> int:
     import torch
 
     from vaelib.evaluation import active_units, evaluate_elbo, iwae_nll, kl_per_dimension
-    from vaelib.training import atomic_write, load_run
+    from vaelib.runs import EVAL_JSON, RunLock, RunNotFoundError, atomic_write, load_run
 
-    run = load_run(args.run_dir, device=_device(args.device))
-    info = run.run.get("run_info", {})
-    if "dataset" not in info:
-        raise ValueError(f"{args.run_dir}: run.json does not say which data set was used (not a CLI run?)")
-    root = args.data_root or info.get("data_root")
-    test_x, _ = _load_images(info["dataset"], "test", root, info.get("binarize", "none"), info.get("seed", 0),
-                             args.test_size)
-    model = run.model
-    torch.manual_seed(args.seed)
-    results: dict = {"run_dir": str(args.run_dir), "epoch": run.epoch, "test_images": len(test_x)}
-    results.update({f"test_{k}": v for k, v in evaluate_elbo(model, test_x).items()})
-    count, variances = active_units(model, test_x)
-    results["active_units"] = count
-    results["latent_dim"] = model.latent_dim
-    results["au_variances"] = [round(v, 6) for v in variances.tolist()]
-    results["kl_per_dimension"] = [round(v, 6) for v in kl_per_dimension(model, test_x).tolist()]
-    if args.iwae_k > 0:
-        n = min(len(test_x), args.iwae_images or len(test_x))
-        results["iwae_k"], results["iwae_images"] = args.iwae_k, n
-        results["iwae_nll"] = iwae_nll(model, test_x[:n], k=args.iwae_k, max_elements=args.max_elements)
-    print(f"run {args.run_dir} (epoch {run.epoch}), {len(test_x)} test images")
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise RunNotFoundError(f"run directory {run_dir} does not exist")
+    device = _device(args.device)
+    _check_writable(run_dir, "RUN_DIR")  # before minutes of IWAE, not after
+    with RunLock(run_dir):  # no trainer writes the run while it is evaluated
+        run = load_run(run_dir, device=device)
+        info = run.run.get("run_info", {})
+        if "dataset" not in info:
+            raise CommandLineError(f"{run_dir}: run.json does not say which data set was used (not a CLI run?)")
+        root = args.data_root or info.get("data_root")
+        test_x, _, _ = _load_images(info["dataset"], "test", root, info.get("binarize", "none"),
+                                    info.get("seed", 0), args.test_size)
+        model = run.model
+        torch.manual_seed(args.seed)
+        results: dict = {"run_dir": str(run_dir), "epoch": run.epoch, "test_images": len(test_x)}
+        results.update({f"test_{k}": v for k, v in evaluate_elbo(model, test_x).items()})
+        count, variances = active_units(model, test_x)
+        results["active_units"] = count
+        results["latent_dim"] = model.latent_dim
+        results["au_variances"] = [round(v, 6) for v in variances.tolist()]
+        results["kl_per_dimension"] = [round(v, 6) for v in kl_per_dimension(model, test_x).tolist()]
+        if args.iwae_k > 0:
+            n = min(len(test_x), args.iwae_images or len(test_x))
+            results["iwae_k"], results["iwae_images"] = args.iwae_k, n
+            results["iwae_nll"] = iwae_nll(model, test_x[:n], k=args.iwae_k, max_elements=args.max_elements)
+        out = run_dir / EVAL_JSON
+        atomic_write(out, lambda fh: fh.write(json.dumps(results, indent=1).encode()))  # never a torn eval.json
+    print(f"run {run_dir} (epoch {run.epoch}), {len(test_x)} test images")
     print(f"  test ELBO        {results['test_elbo']:.3f} nats (rec {results['test_rec']:.3f}, "
           f"KL {results['test_kl']:.3f})")
     if "iwae_nll" in results:
         print(f"  IWAE NLL (k={args.iwae_k}, {results['iwae_images']} images)  {results['iwae_nll']:.3f} nats")
     print(f"  active units     {count} of {model.latent_dim} (Var_x E_q[z_j] > 0.01)")
-    out = Path(args.run_dir) / "eval.json"
-    atomic_write(out, lambda fh: fh.write(json.dumps(results, indent=1).encode()))  # never a torn eval.json
     print(f"  written to {out}")
     return EXIT_OK
 
@@ -237,21 +362,89 @@ def cmd_data(args) -> int:
     return EXIT_OK
 
 
+def _describe_os_error(err: OSError, bare: bool = False) -> str:
+    """An OSError as one line that names the fault in plain words (permission, not a directory, no space)."""
+    if err.errno is None:  # raised with a message only (vaelib's own FileNotFoundErrors)
+        return str(err)
+    what = {errno.EACCES: "permission denied", errno.EPERM: "permission denied (operation not permitted)",
+            errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.ENOTDIR: "not a directory", errno.EISDIR: "is a directory, not a file",
+            errno.EEXIST: "already exists", errno.EROFS: "read-only file system",
+            errno.ENOENT: "no such file or directory"}.get(err.errno, err.strerror or str(err))
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return what if bare or not names else f"{what}: {' -> '.join(names)}"
+
+
+_signals: list[int] = []  # the signals turned into KeyboardInterrupt during the current command
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's or `kill`'s stop) handled like Ctrl-C: training saves its pending epochs first."""
+    _signals.clear()
+
+    def handler(signum, frame):
+        _signals.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _signal_words() -> str:
+    return " by SIGTERM" if _signals else ""
+
+
+def _interrupted_exit_code() -> int:
+    return 128 + _signals[-1] if _signals else EXIT_INTERRUPTED
+
+
+def _one_line_warnings(prefix: str):
+    from vaelib.data import DataNote
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        kind = "note" if issubclass(category, DataNote) else "warning"
+        print(f"{prefix}: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while Python imports torch
+        print("vaelib: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     args.argv = argv
-    from vaelib.data import DataError
-    from vaelib.training import RunNotFoundError, TrainingDivergedError
 
     command = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command]
-    try:
-        return command(args)
-    except (DataError, RunNotFoundError, TrainingDivergedError, FileNotFoundError, ValueError, TypeError) as err:
-        message = " ".join(str(err).split())  # one line, whatever the exception put in it
-        print(f"vaelib {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
+    prefix = f"vaelib {args.command}"
+
+    def fail(message: str, code: int = EXIT_ERROR) -> int:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prefix}: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message held
+        return code
+
+    with warnings.catch_warnings(), _sigterm_as_interrupt():
+        warnings.showwarning = _one_line_warnings(prefix)
+        try:
+            return command(args)
+        except KeyboardInterrupt:
+            return fail(f"interrupted{_signal_words()}", _interrupted_exit_code())
+        # ValueError: an argument check of the library that the parser could not make (one line too; --debug
+        # shows where it came from).
+        except (VaelibError, ValueError) as err:
+            return fail(f"error: {err}")
+        except OSError as err:
+            return fail(f"error: {_describe_os_error(err)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

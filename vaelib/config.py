@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from vaelib.errors import VaelibError
+
 #: Environment variable that shrinks every notebook's workload (CI sets it; stored outputs come from full runs).
 QUICK_ENV = "VAELIB_QUICK"
 
@@ -25,7 +27,7 @@ def pick(full, quick):
 DEVICE_ENV = "VAELIB_DEVICE"
 
 
-class DeviceUnavailableError(ValueError):
+class DeviceUnavailableError(VaelibError, ValueError):
     """The requested device does not exist on this machine; the message names the ones that do."""
 
 

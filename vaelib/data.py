@@ -1,14 +1,16 @@
 """MNIST-format data, offline first.
 
-The four IDX files of MNIST or Fashion-MNIST are looked for, in order, in
-  1. an explicit ``root=`` folder,
-  2. the folder named by ``$VAELIB_DATA``,
-  3. ``/usr/share/datasets/<name>`` (Debian: ``apt-get install dataset-fashion-mnist``),
-  4. ``~/.cache/vaelib/<name>`` (where ``download=True`` puts them) and ``./data``,
-each also in torchvision's layouts (``<folder>/<name>``, ``<folder>/FashionMNIST/raw``, ``<folder>/MNIST/raw``).
+The four IDX files of MNIST or Fashion-MNIST are looked for
+  * in an explicit ``root=`` folder (CLI: ``--data-root``), else in the folder named by ``$VAELIB_DATA`` — and
+    then only there: a folder given explicitly that lacks the files is an error naming what is missing, never a
+    silent fall-through to some other copy;
+  * otherwise in ``/usr/share/datasets/<name>`` (Debian: ``apt-get install dataset-fashion-mnist``),
+    ``~/.cache/vaelib/<name>`` (where ``download=True`` puts them) and ``./data``, in that order;
+each folder also in torchvision's layouts (``<folder>/<name>``, ``<folder>/FashionMNIST/raw``, ``<folder>/MNIST/raw``).
 Files may be gzipped or raw. Their decompressed bytes are checked against the MD5 sums published with the
-data sets, so a recompressed copy (Debian's) verifies and a truncated or altered one does not.
-Nothing is downloaded unless asked for, and then only through torchvision.
+data sets, so a recompressed copy (Debian's) verifies and a truncated or altered one does not. A folder whose
+label files are those of *another* known data set is skipped with a :class:`DataNote` (MNIST and Fashion-MNIST
+have the same file names). Nothing is downloaded unless asked for, and then only through torchvision.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import stat
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from vaelib.errors import VaelibError
 
 DATA_ENV = "VAELIB_DATA"
 SPLITS = ("train", "test")
@@ -52,11 +59,12 @@ CLASS_NAMES = {
                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
 }
 DATASETS = tuple(_MD5)
+_KNOWN_FILES = {md5: (name, stem) for name, sums in _MD5.items() for stem, md5 in sums.items()}
 # IDX type code 0x08 = unsigned byte; the last byte of the magic number is the number of dimensions.
 _IDX_UBYTE = 0x08
 
 
-class DataError(Exception):
+class DataError(VaelibError):
     """Base class for every data problem vaelib reports."""
 
 
@@ -70,6 +78,14 @@ class DataNotFoundError(DataError, FileNotFoundError):
 
 class CorruptDataError(DataError):
     """A file exists but is truncated, has a wrong magic number or fails its checksum."""
+
+
+class DataPermissionError(DataError, PermissionError):
+    """A data file or folder exists but this user may not read it."""
+
+
+class DataNote(UserWarning):
+    """Something the data search did that the user should know (a folder skipped as another data set's)."""
 
 
 @dataclass(frozen=True)
@@ -96,15 +112,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vaelib"
 
 
+def _explicit_folder(root: str | os.PathLike | None) -> tuple[Path, str] | None:
+    """The folder the user named (``root=`` first, then ``$VAELIB_DATA``) and how it was named, or None."""
+    if root is not None:
+        return Path(root), ""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]), f" (from ${DATA_ENV})"
+    return None
+
+
 def search_path(name: str, root: str | os.PathLike | None = None) -> list[Path]:
     """The folders searched for ``name``'s files, in order (see the module docstring)."""
     name = canonical_name(name)
-    bases: list[Path] = []
-    if root is not None:
-        bases.append(Path(root))
-    if os.environ.get(DATA_ENV):
-        bases.append(Path(os.environ[DATA_ENV]))
-    bases += [Path("/usr/share/datasets"), default_cache_dir(), Path("data")]
+    explicit = _explicit_folder(root)
+    bases = [explicit[0]] if explicit else [Path("/usr/share/datasets"), default_cache_dir(), Path("data")]
     folders: list[Path] = []
     for base in bases:
         for sub in ("", name, f"{_TORCHVISION_DIR[name]}/raw"):
@@ -114,22 +135,97 @@ def search_path(name: str, root: str | os.PathLike | None = None) -> list[Path]:
     return folders
 
 
+def _is_file(path: Path) -> bool:
+    """Like Path.is_file, but a folder this user may not enter raises PermissionError instead of hiding it."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except PermissionError:
+        raise
+    except OSError:  # missing, not a directory on the way, a symlink loop
+        return False
+
+
 def _file_in(folder: Path, stem: str) -> Path | None:
     for candidate in (folder / f"{stem}.gz", folder / stem):
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     return None
 
 
+_STEMS = tuple(s for pair in _FILES.values() for s in pair)
+
+
+def _other_dataset(name: str, folder: Path) -> str | None:
+    """The known data set other than ``name`` whose label files ``folder`` holds (labels are small: cheap to hash)."""
+    for stem in (_FILES["test"][1], _FILES["train"][1]):
+        try:
+            got = hashlib.md5(_read_bytes(_file_in(folder, stem))).hexdigest()
+        except DataError:  # unreadable: load_split reports it if this folder is chosen
+            return None
+        owner = _KNOWN_FILES.get(got)
+        if owner is not None and owner[0] != name and owner[1] == stem:
+            return owner[0]
+    return None
+
+
 def find_dataset(name: str, root: str | os.PathLike | None = None) -> Path:
-    """The first folder on the search path that holds all four IDX files of ``name``."""
+    """The first folder on the search path that holds all four IDX files of ``name``.
+
+    A folder holding another known data set's files is skipped (with a :class:`DataNote`). With an explicit
+    ``root`` or ``$VAELIB_DATA`` only that folder's layouts are searched, and an error names what is missing.
+    """
     name = canonical_name(name)
-    stems = [s for pair in _FILES.values() for s in pair]
     searched = search_path(name, root)
+    present: dict[Path, list[str]] = {}
+    denied: list[Path] = []
+    others: dict[Path, str] = {}
     for folder in searched:
-        if all(_file_in(folder, s) for s in stems):
+        try:
+            present[folder] = [s for s in _STEMS if _file_in(folder, s)]
+        except PermissionError:
+            denied.append(folder)
+            continue
+        if len(present[folder]) < len(_STEMS):
+            continue
+        other = _other_dataset(name, folder)
+        if other is None:
+            for skipped, what in others.items():  # (when nothing is found, the error says it instead)
+                warnings.warn(f"skipped {skipped}: it holds {what}, not {name}", DataNote, stacklevel=2)
             return folder
-    raise DataNotFoundError(_missing_message(name, searched))
+        others[folder] = other
+    explicit = _explicit_folder(root)
+    if explicit is not None:
+        raise _explicit_folder_error(name, *explicit, present, denied, others)
+    message = _missing_message(name, searched)
+    if others or denied:
+        message += "".join(f" ({folder} holds {other}, not {name}.)" for folder, other in others.items())
+        message += "".join(f" (Permission denied: {folder}.)" for folder in denied)
+    raise DataNotFoundError(message)
+
+
+def _explicit_folder_error(name: str, base: Path, how: str, present: dict[Path, list[str]], denied: list[Path],
+                           others: dict[Path, str]) -> DataError:
+    where = f"the data folder {base}{how}"
+    if denied and base in denied:
+        return DataPermissionError(f"permission denied: cannot look into {where}")
+    try:
+        kind = base.stat().st_mode
+    except PermissionError:
+        return DataPermissionError(f"permission denied: cannot look into {where}")
+    except OSError:
+        return DataNotFoundError(f"{name} data not found: {where} does not exist")
+    if not stat.S_ISDIR(kind):
+        return DataNotFoundError(f"{name} data not found: {where} is not a directory")
+    if others:
+        folder, other = next(iter(others.items()))
+        return DataNotFoundError(f"{name} data not found in {where}: {folder} holds {other}, not {name}")
+    best = max(present, key=lambda f: len(present[f]), default=base)
+    missing = [s for s in _STEMS if s not in present.get(best, [])]
+    also = [str(f) for f in present if f != best]
+    return DataNotFoundError(
+        f"{name} data not found in {where}: {best} lacks {', '.join(missing)} (.gz or raw)"
+        + (f"; also looked in {', '.join(also)}" if also else "")
+        + (f"; permission denied: {', '.join(map(str, denied))}" if denied else ""))
 
 
 def _missing_message(name: str, searched: list[Path]) -> str:
@@ -148,8 +244,12 @@ def _read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as fh:
                 return fh.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:  # truncated or not gzip at all
-        raise CorruptDataError(f"{path}: cannot be read ({err}); the file is truncated or corrupt") from err
+    except PermissionError as err:
+        raise DataPermissionError(f"{path}: permission denied (this user may not read the data file)") from err
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # cut short, a damaged deflate stream, not gzip
+        raise CorruptDataError(f"{path}: cannot be decompressed ({err}); the file is truncated or corrupt") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from err
 
 
 def parse_idx(raw: bytes, source: str | os.PathLike = "<bytes>") -> np.ndarray:
@@ -177,9 +277,14 @@ def read_idx(path: str | os.PathLike, md5: str | None = None) -> np.ndarray:
     if md5 is not None:
         got = hashlib.md5(raw).hexdigest()
         if got != md5:
+            if got in _KNOWN_FILES:  # a valid file, of another data set (or in another file's place)
+                other, stem = _KNOWN_FILES[got]
+                raise CorruptDataError(
+                    f"{path}: checksum mismatch: this is {other}'s {stem} (md5 {got}), not the file expected "
+                    f"here (md5 {md5}); point vaelib at the folder of the data set you want")
             raise CorruptDataError(
                 f"{path}: checksum mismatch (md5 of the decompressed bytes is {got}, expected {md5}); "
-                "the file is corrupt or belongs to another data set. Delete it and get the data again.")
+                "the file is corrupt or altered. Delete it and get the data again.")
     return parse_idx(raw, path)
 
 
@@ -226,7 +331,7 @@ def load_split(
     except DataNotFoundError:
         if not download:
             raise
-        folder = download_dataset(name)
+        folder = download_dataset(name, root)
     image_stem, label_stem = _FILES[split]
     sums = _MD5[name] if verify else {}
     images = read_idx(_file_in(folder, image_stem), sums.get(image_stem))
@@ -266,7 +371,8 @@ def download_dataset(name: str, root: str | os.PathLike | None = None) -> Path:
 
 
 __all__ = [
-    "CLASS_NAMES", "DATASETS", "DATA_ENV", "CorruptDataError", "DataError", "DataNotFoundError", "Split",
+    "CLASS_NAMES", "DATASETS", "DATA_ENV", "CorruptDataError", "DataError", "DataNote", "DataNotFoundError",
+    "DataPermissionError", "Split",
     "UnknownDatasetError", "canonical_name", "download_dataset", "dynamic_binarize", "find_dataset",
     "load_split", "parse_idx", "read_idx", "search_path",
 ]

@@ -8,13 +8,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vaelib.errors import InvalidInputError
 from vaelib.models import check_input, model_device, model_dtype
 from vaelib.objectives import default_chunk, default_max_elements, elbo, iwae_bound
 
 
 def _batches(model, x: Tensor, batch_size: int):
-    """``x`` in batches on the model's device and in its dtype (so ``x`` may live anywhere)."""
+    """``x`` in batches on the model's device and in its dtype (so ``x`` may live anywhere); empty data or data with
+    NaN or infinite values are refused (a mean over them would be NaN, not an answer)."""
     check_input(x, model.input_dim)
+    if len(x) == 0:
+        raise InvalidInputError("x is empty: there is nothing to evaluate")
+    finite = torch.isfinite(x).all(dim=1)
+    if not finite.all():
+        bad = (~finite).nonzero()[:, 0]
+        raise InvalidInputError(f"x contains NaN or infinite values ({len(bad)} of {len(x)} examples, the first at "
+                                f"index {int(bad[0])})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device, dtype = model_device(model), model_dtype(model)

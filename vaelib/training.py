@@ -1,34 +1,25 @@
-"""Training: :func:`fit` (device choice, seeding, resident data, NaN detection, atomic checkpoints, bit-for-bit
-resume) and :func:`load_run`.
+"""Training: :func:`fit` (device choice, seeding, resident data, NaN detection, bit-for-bit resume).
 
 One step, :func:`train_step` (forward, backward, optimizer update, tally), runs on every path: eagerly in
 :func:`train_epoch` (pytorch/examples' ``train()``), or captured once as a CUDA graph and replayed
 (:class:`vaelib.cuda_graph.GraphStepper`, ``fast="graph"``; what ``fast="auto"`` takes on CUDA for a plain
 ``build_vae`` model).
 
-A run directory (``out_dir``) holds
-  * ``checkpoint.pt`` — model and optimizer state, RNG states, epoch and history (tensors and plain
-    containers only, so it loads with ``torch.load(..., weights_only=True)``);
-  * ``history.json`` and ``history.csv`` — one row per epoch;
-  * ``run.json`` — the model config and the fit settings, human-readable.
-
-Resuming restores the global torch RNG (CPU, and CUDA where used), the data-permutation and binarisation
-generators, the optimizer state and the epoch, so ``fit(epochs=4)`` and ``fit(epochs=2)`` followed by
-``fit(epochs=4, resume=True)`` give identical parameters and history (tests/test_training.py checks it on the CPU,
-for the eager and the CPU-stubbed graph path, and on CUDA where a GPU is present). A graph is captured before
-seeding, so its warm-up's random numbers do not shift the run's.
+With ``out_dir``, fit writes a run directory (:mod:`vaelib.runs`: the checkpoint, history and run.json, the run
+lock, the resume checks). Resuming restores the global torch RNG (CPU, and CUDA where used), the data-permutation
+and binarisation generators, the optimizer state and the epoch, so ``fit(epochs=4)`` and ``fit(epochs=2)`` followed
+by ``fit(epochs=4, resume=True)`` give identical parameters and history (tests/test_training.py checks it on the CPU,
+for the eager and the CPU-stubbed graph path, and on CUDA where a GPU is present; tests/test_faults.py after
+SIGINT, SIGTERM and SIGKILL). A graph is captured before seeding, so its warm-up's random numbers do not shift the
+run's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import io
-import json
 import math
 import os
-import tempfile
 import time
 import types
 import warnings
@@ -43,20 +34,17 @@ from torch import Tensor, nn
 from vaelib.config import select_device
 from vaelib.cuda_graph import GraphStepper
 from vaelib.data import dynamic_binarize
+from vaelib.errors import VaelibError
 from vaelib.evaluation import evaluate_elbo
 from vaelib.models import VAE, Likelihood, check_input, model_dtype
 from vaelib.objectives import KL_ESTIMATORS, elbo, kl_warmup
+from vaelib.runs import CHECKPOINT_FORMAT, RunDirectory, check_resumable, clone_tree, data_fingerprint
 
-CHECKPOINT_NAME = "checkpoint.pt"
-HISTORY_JSON = "history.json"
-HISTORY_CSV = "history.csv"
-RUN_JSON = "run.json"
-CHECKPOINT_FORMAT = 1
 FAST_MODES = ("auto", "eager", "graph", "compile", "graph-compile")
 GRAPH_MODES = ("graph", "graph-compile")
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(VaelibError, RuntimeError):
     """The loss became NaN or infinite; ``epoch``/``step`` say where, ``checkpoint`` is the last good one."""
 
     def __init__(self, message: str, epoch: int, step: int, checkpoint: Path | None, history: list[dict]):
@@ -73,10 +61,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __str__(self) -> str:
         return self.message
-
-
-class RunNotFoundError(FileNotFoundError):
-    """A run directory or its checkpoint does not exist."""
 
 
 @dataclass
@@ -98,95 +82,6 @@ class FitResult:
         last = self.history[-1] if self.history else {}
         return (f"FitResult(epochs={len(self.history)}, device={self.device}, fast={self.fast!r}, "
                 f"last={ {k: round(v, 3) if isinstance(v, float) else v for k, v in last.items()} })")
-
-
-@dataclass
-class LoadedRun:
-    model: nn.Module
-    history: list[dict]
-    epoch: int
-    config: dict
-    run: dict = field(default_factory=dict)
-    run_dir: Path | None = None
-
-
-# ------------------------------------------------------------------------------------------------ file helpers
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Write through ``write(file_object)`` into a temp file in the same folder, fsync, then os.replace.
-
-    A crash (or Ctrl-C) at any moment leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda fh: torch.save(state, fh))
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
-    """Load a checkpoint written by :func:`fit` (``weights_only=True``: tensors and plain containers only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
-
-
-def _write_history(out_dir: Path, history: list[dict]) -> None:
-    _write_json(out_dir / HISTORY_JSON, history)
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-
-    def write_csv(fh) -> None:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-        fh.write(text.getvalue().encode())
-
-    atomic_write(out_dir / HISTORY_CSV, write_csv)
-
-
-def _clone_tree(obj):
-    """Deep copy of nested dicts/lists with tensors cloned (a snapshot that later steps cannot change)."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_clone_tree(v) for v in obj)
-    return obj
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -441,6 +336,7 @@ def fit(
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     fast: str | bool = "auto",
     progress: bool = True,
     checkpoint_every: int = 1,
@@ -469,8 +365,12 @@ def fit(
       capture fails it raises, where "auto" warns and trains eagerly. Unavailable modes (no CUDA, data not
       resident, a custom optimizer) fall back to eager with a warning. ``FitResult.fast`` and run.json say which
       path ran.
-    out_dir: run directory for checkpoints and history; resume=True continues from its checkpoint.
-    checkpoint_every: write the checkpoint every this many epochs (and after the last one, and on Ctrl-C).
+    out_dir: run directory for checkpoints and history (:mod:`vaelib.runs`), locked while fit runs: a second
+      writer gets RunLockedError. A directory that holds a run is refused (RunExistsError) unless resume=True
+      continues it — with the same settings, all but epochs and checkpoint_every (RunMismatchError otherwise) —
+      or overwrite=True replaces it (the old run's files go once the new run's first checkpoint is written).
+    checkpoint_every: write the checkpoint every this many epochs (and after the last one, on Ctrl-C and when
+      training diverges: no finished epoch is lost).
     optimizer: optional ``params -> torch.optim.Optimizer`` factory replacing Adam(lr).
     resident: keep the data on the device (default: when it fits, which MNIST-size data does); data kept on the
       host reach a GPU through pinned memory.
@@ -496,6 +396,8 @@ def fit(
         raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the run directory to resume)")
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True contradict each other")
 
     input_dim = getattr(model, "input_dim", None) or model.encoder.input_dim
     likelihood = getattr(model.decoder, "likelihood", None)
@@ -525,29 +427,28 @@ def fit(
     else:
         opt = _make_adam(model, lr, mode, scheduled=lr_final is not None)
 
-    run_dir = Path(out_dir) if out_dir is not None else None
-    ckpt_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     config = dict(getattr(model, "config", {}) or {})
+    # What defines the run: resuming with any of these different is refused (vaelib.runs.check_resumable).
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_final=lr_final, beta=beta,
-                    warmup_epochs=warmup_epochs, binarize=bool(binarize), seed=seed, kl=kl, n_train=n_train)
-    history: list[dict] = []
-    start_epoch = 0
-    ckpt = None
-    if resume:
-        if not run_dir.is_dir():
-            raise RunNotFoundError(f"run directory {run_dir} does not exist (nothing to resume)")
-        ckpt = load_checkpoint(ckpt_path)
-        _check_resumable(ckpt, config, settings)
-        # Before capture: the graph records the addresses of these parameters and optimizer-state tensors.
-        model.load_state_dict(ckpt["model_state"])
-        _load_optimizer_state(opt, ckpt["optimizer_state"])
-        history = list(ckpt["history"])
-        start_epoch = int(ckpt["epoch"])
+                    warmup_epochs=warmup_epochs, binarize=bool(binarize), seed=seed, kl=kl, n_train=n_train,
+                    data=data_fingerprint(train_x), optimizer="adam" if optimizer is None else "custom")
+    # The run directory is locked from here to the end: one writer per run.
+    with RunDirectory(out_dir, resume=resume, overwrite=overwrite) as run, _tf32(bool(tf32)):
+        history: list[dict] = []
+        start_epoch = 0
+        ckpt = run.open()
+        if ckpt is not None:
+            check_resumable(ckpt, config, settings)
+            # Before capture: the graph records the addresses of these parameters and optimizer-state tensors.
+            model.load_state_dict(ckpt["model_state"])
+            _load_optimizer_state(opt, ckpt["optimizer_state"])
+            history = list(ckpt["history"])
+            start_epoch = int(ckpt["epoch"])
 
-    # The buffer the steps read: dynamic binarisation redraws it in place each epoch. It starts as the grey data,
-    # so that a capture's warm-up trains on real values.
-    binarized = train_data.clone() if binarize else train_data
-    with _tf32(bool(tf32)):  # before capture: the captured kernels keep the math mode they were recorded with
+        # The buffer the steps read: dynamic binarisation redraws it in place each epoch. It starts as the grey
+        # data, so that a capture's warm-up trains on real values. (TF32 is set before capture: the captured
+        # kernels keep the math mode they were recorded with.)
+        binarized = train_data.clone() if binarize else train_data
         loss_fn, compile_timing = _compiled_loss() if mode.endswith("compile") else (_batch_loss, {})
         step = functools.partial(train_step, model, opt, loss_fn, kl)
         graph = None
@@ -568,27 +469,21 @@ def fit(
                 "format": CHECKPOINT_FORMAT, "epoch": epoch, "model_state": model.state_dict(),
                 "model_config": config, "optimizer_state": opt.state_dict(),
                 "rng": _rng_state(dev, perm_gen, bin_gen), "history": history, "settings": settings,
+                "run_info": run_info or {},
             }
 
-        def write_run_json() -> None:
-            _write_json(run_dir / RUN_JSON, {
-                "model_config": config, "settings": settings, "run_info": run_info or {}, "device": str(dev),
-                "torch": torch.__version__, "fast": mode, "tf32": bool(tf32),
-                "setup_seconds": {**setup_seconds, **compile_timing}})
+        def run_json() -> dict:
+            return {"model_config": config, "settings": settings, "run_info": run_info or {}, "device": str(dev),
+                    "torch": torch.__version__, "fast": mode, "tf32": bool(tf32),
+                    "setup_seconds": {**setup_seconds, **compile_timing}}
 
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_run_json()
-            if not resume:
-                save_checkpoint(checkpoint_state(0), ckpt_path)  # an interrupt in epoch 1 can resume from here
-
+        # A new run's epoch-0 checkpoint: an interrupt in epoch 1 resumes from it.
+        run.begin(checkpoint_state(0) if ckpt is None else None, run_json(), history)
         seconds: list[float] = []
-        saved_epoch = start_epoch
-        pending: dict | None = None  # the last epoch's state when it was not written to disk yet
         bar = _progress_bar(progress, start_epoch, epochs)
         try:
             for epoch in range(start_epoch + 1, epochs + 1):
-                good_params = _clone_tree(model.state_dict())
+                good_params = clone_tree(model.state_dict())
                 beta_e = kl_warmup(epoch, warmup_epochs, beta)
                 if lr_final is not None:
                     lr_e = lr_at_epoch(epoch, epochs, lr, lr_final)  # the schedule's value, not a float32 copy
@@ -610,8 +505,8 @@ def fit(
                 seconds.append(time.perf_counter() - t0)
                 if bad_step >= 0 or not all(math.isfinite(v) for v in acc_host):
                     model.load_state_dict(good_params)
-                    raise _diverged(epoch, bad_step, math.ceil(n_train / batch_size), lr_e, beta_e, ckpt_path,
-                                    saved_epoch, history)
+                    run.flush()  # the last good epoch, if it was still pending
+                    raise _diverged(epoch, bad_step, math.ceil(n_train / batch_size), lr_e, beta_e, run, history)
                 rec_mean, kl_mean = acc_host[0] / n_train, acc_host[1] / n_train
                 row = {"epoch": epoch, "train_loss": -(rec_mean - beta_e * kl_mean), "train_rec": rec_mean,
                        "train_kl": kl_mean}
@@ -627,44 +522,37 @@ def fit(
                         post["test_elbo"] = f"{row['test_elbo']:.2f}"
                     bar.set_postfix(post)
                     bar.update(1)
-                if run_dir is not None:
-                    if epoch % checkpoint_every == 0 or epoch == epochs:
-                        save_checkpoint(checkpoint_state(epoch), ckpt_path)
-                        saved_epoch, pending = epoch, None
-                    else:
-                        pending = _clone_tree(checkpoint_state(epoch))
-                    _write_history(run_dir, history)
+                run.end_of_epoch(functools.partial(checkpoint_state, epoch),
+                                 due=epoch % checkpoint_every == 0 or epoch == epochs)
                 if callback is not None:
                     callback(row, model)
-            if run_dir is not None and compile_timing:
-                write_run_json()  # now with the compile seconds
-        except KeyboardInterrupt:
-            if pending is not None:
-                save_checkpoint(pending, ckpt_path)
-                saved_epoch = pending["epoch"]
-            if ckpt_path is not None:
+            if compile_timing:
+                run.write_run_json(run_json())  # now with the compile seconds
+        except KeyboardInterrupt:  # Ctrl-C; the CLI turns SIGTERM into this too
+            saved_epoch = run.flush()
+            if run.checkpoint is not None:
                 msg = (f"training interrupted during epoch {len(history) + 1}; a resumable checkpoint of epoch "
-                       f"{saved_epoch} is in {ckpt_path}; continue with resume=True (CLI: --resume)")
+                       f"{saved_epoch} is in {run.checkpoint}; continue with resume=True (CLI: --resume)")
             else:
                 msg = f"training interrupted during epoch {len(history) + 1}; nothing saved (no out_dir)"
-            raise TrainingInterrupted(msg, saved_epoch, ckpt_path, history) from None
+            raise TrainingInterrupted(msg, saved_epoch, run.checkpoint, history) from None
         finally:
             if bar is not None:
                 bar.close()
     model.eval()
     return FitResult(model=model, history=history, device=dev, seconds_per_epoch=seconds, fast=mode,
-                     out_dir=run_dir, checkpoint=ckpt_path, resumed_from=start_epoch,
+                     out_dir=run.path, checkpoint=run.checkpoint, resumed_from=start_epoch,
                      setup_seconds={**setup_seconds, **compile_timing}, tf32=bool(tf32))
 
 
-def _diverged(epoch: int, bad_step: int, n_steps: int, lr: float, beta: float, ckpt_path: Path | None,
-              saved_epoch: int, history: list[dict]) -> TrainingDivergedError:
+def _diverged(epoch: int, bad_step: int, n_steps: int, lr: float, beta: float, run: RunDirectory,
+              history: list[dict]) -> TrainingDivergedError:
     step_txt = f"step {bad_step + 1} of {n_steps}" if bad_step >= 0 else "an unknown step"
-    where = f"{ckpt_path} (end of epoch {saved_epoch})" if ckpt_path is not None else "none written (no out_dir)"
     return TrainingDivergedError(
         f"training diverged: the loss became NaN or infinite in epoch {epoch}, {step_txt} "
         f"(lr={lr:g}, beta={beta:g}); the model was restored to the end of epoch {epoch - 1}; "
-        f"last good checkpoint: {where}. Try a smaller learning rate.", epoch, bad_step + 1, ckpt_path, history)
+        f"last good checkpoint: {run.where()}. Try a smaller learning rate.", epoch, bad_step + 1, run.checkpoint,
+        history)
 
 
 @contextlib.contextmanager
@@ -686,42 +574,5 @@ def _progress_bar(progress: bool, start: int, total: int):
     return tqdm(total=total, initial=start, desc="train", unit="epoch")
 
 
-def _check_resumable(ckpt: dict, config: dict, settings: dict) -> None:
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint format {ckpt.get('format')!r} is not {CHECKPOINT_FORMAT}")
-    saved_config = ckpt.get("model_config") or {}
-    if config and saved_config and saved_config != config:
-        raise ValueError(f"the model does not match the checkpoint's (checkpoint {saved_config}, model {config})")
-    saved = ckpt.get("settings", {})
-    differ = [k for k in ("batch_size", "binarize", "kl", "n_train") if k in saved and saved[k] != settings[k]]
-    if differ:
-        raise ValueError("cannot resume with different " + ", ".join(
-            f"{k} (checkpoint {saved[k]!r}, now {settings[k]!r})" for k in differ))
-
-
-def load_run(run_dir: str | os.PathLike, model: nn.Module | None = None,
-             device: str | torch.device | None = "cpu") -> LoadedRun:
-    """The model (rebuilt from the stored config unless given), history and settings of a run directory."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunNotFoundError(f"run directory {run_dir} does not exist")
-    ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    config = ckpt.get("model_config") or {}
-    if model is None:
-        if not config:
-            raise ValueError(f"{run_dir}: the checkpoint holds no model config (a custom model); pass model=")
-        from vaelib.models import build_vae
-
-        model = build_vae(**config)
-    model.load_state_dict(ckpt["model_state"])
-    model.to(select_device(device)).eval()
-    run = {}
-    if (run_dir / RUN_JSON).is_file():
-        run = json.loads((run_dir / RUN_JSON).read_text())
-    return LoadedRun(model=model, history=list(ckpt["history"]), epoch=int(ckpt["epoch"]), config=config, run=run,
-                     run_dir=run_dir)
-
-
-__all__ = ["CHECKPOINT_NAME", "FAST_MODES", "GRAPH_MODES", "FitResult", "LoadedRun", "RunNotFoundError",
-           "TrainingDivergedError", "TrainingInterrupted", "atomic_write", "fit", "graph_safe", "load_checkpoint",
-           "load_run", "lr_at_epoch", "save_checkpoint", "train_epoch", "train_step"]
+__all__ = ["FAST_MODES", "GRAPH_MODES", "FitResult", "TrainingDivergedError", "TrainingInterrupted", "fit",
+           "graph_safe", "lr_at_epoch", "train_epoch", "train_step"]

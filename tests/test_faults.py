@@ -1,0 +1,723 @@
+"""Fault injection, done as a user would: bad options, wrong or damaged data, unreadable folders, interrupts.
+
+Every fault must give one clear line (CLI: exit 2, 130 for Ctrl-C, 143 for SIGTERM) and lose nothing. The data
+tests use tiny IDX files written here; to test the checksum logic without the real data sets, the published MD5
+sums are replaced by those of two fake data sets. Probes that need the real Fashion-MNIST files skip without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaelib import cli, data
+from vaelib.cli import main
+from vaelib.data import (
+    CorruptDataError,
+    DataNote,
+    DataNotFoundError,
+    DataPermissionError,
+    find_dataset,
+    load_split,
+)
+from vaelib.errors import VaelibError
+
+REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_real_data = pytest.mark.skipif(not (REAL_FASHION / "t10k-labels-idx1-ubyte.gz").is_file(),
+                                     reason="Debian's Fashion-MNIST is not installed")
+STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def run_cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "vaelib", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def fork_main(argv: list[str], logs: Path) -> int:
+    """Run the CLI's main(argv) in a forked child (torch is already imported there: no seconds of start-up);
+    its stdout/stderr go to ``logs``/out, ``logs``/err. Returns the child's PID."""
+    import torch._dynamo  # noqa: F401 (Adam imports it: once here, not seconds in every child)
+
+    logs.mkdir(parents=True, exist_ok=True)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 70  # an exception escaped main
+        try:
+            for fd, name in ((1, "out"), (2, "err")):
+                os.dup2(os.open(logs / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # the child exits below
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            code = main(argv)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def wait_for(path: Path, timeout: float = 60) -> float:
+    """Poll until ``path`` exists; the time it was seen."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.002)
+    return time.monotonic()
+
+
+def wait_exit_code(pid: int, timeout: float = 120) -> int:
+    """The exit status of child ``pid`` (negative: killed by that signal)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"child {pid} did not finish in {timeout} s")
+
+
+def one_line(text: str) -> str:
+    """The single line of ``text`` (fails if there are more, or a traceback)."""
+    assert "Traceback" not in text, text
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------- fake data sets
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def fake_files(seed: int, n: int = 6) -> dict[str, bytes]:
+    rng = np.random.default_rng(seed)
+    images = {s: idx_bytes(rng.integers(0, 256, (n, 28, 28))) for s in STEMS if "images" in s}
+    labels = {s: idx_bytes(rng.integers(0, 10, n)) for s in STEMS if "labels" in s}
+    return {**images, **labels}
+
+
+FAKE = {"mnist": fake_files(1), "fashion-mnist": fake_files(2)}
+
+
+def write(folder: Path, files: dict[str, bytes], only=STEMS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem in only:
+        (folder / f"{stem}.gz").write_bytes(gzip.compress(files[stem]))
+    return folder
+
+
+@pytest.fixture
+def fake_sums(monkeypatch, tmp_path):
+    """The two known data sets are FAKE's; no real data, env var, cache or ./data is visible."""
+    sums = {name: {s: hashlib.md5(raw).hexdigest() for s, raw in files.items()} for name, files in FAKE.items()}
+    monkeypatch.setattr(data, "_MD5", sums)
+    monkeypatch.setattr(data, "_KNOWN_FILES", {m: (n, s) for n, d in sums.items() for s, m in d.items()})
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    real = data.search_path
+    monkeypatch.setattr(data, "search_path", lambda name, root=None: [
+        p for p in real(name, root) if not str(p).startswith("/usr/share/datasets")])
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------- data search
+def test_explicit_root_lacking_a_file_names_it_and_does_not_fall_through(fake_sums):
+    write(fake_sums / "data", FAKE["mnist"])  # a complete copy on the default path: must not be used silently
+    write(fake_sums / "mine", FAKE["mnist"], only=STEMS[:3])
+    with pytest.raises(DataNotFoundError, match="t10k-labels-idx1-ubyte") as info:
+        find_dataset("mnist", root=fake_sums / "mine")
+    assert str(fake_sums / "mine") in str(info.value)
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        load_split("mnist", "train", root=fake_sums / "mnits")  # a typo
+    assert find_dataset("mnist") == Path("data")  # without a root the default path still works
+
+
+def test_env_var_lacking_the_files_is_an_error(fake_sums, monkeypatch):
+    write(fake_sums / "data", FAKE["mnist"])
+    (fake_sums / "empty").mkdir()
+    monkeypatch.setenv(data.DATA_ENV, str(fake_sums / "empty"))
+    with pytest.raises(DataNotFoundError, match=r"\$VAELIB_DATA.*lacks train-images-idx3-ubyte"):
+        find_dataset("mnist")
+
+
+def test_folder_of_another_data_set_is_skipped_with_a_note(fake_sums):
+    write(fake_sums / "cache" / "vaelib", FAKE["fashion-mnist"])  # earlier on the path, same file names
+    write(fake_sums / "data" / "mnist", FAKE["mnist"])
+    with pytest.warns(DataNote, match="holds fashion-mnist, not mnist"):
+        split = load_split("mnist", "test", dtype="uint8")
+    assert split.source == Path("data") / "mnist"  # the resolved folder, for run.json
+
+
+def test_explicit_folder_of_another_data_set_says_so_without_delete_advice(fake_sums):
+    write(fake_sums / "fm", FAKE["fashion-mnist"])
+    with pytest.raises(DataNotFoundError, match="holds fashion-mnist, not mnist") as info:
+        load_split("mnist", "train", root=fake_sums / "fm")
+    assert "Delete it" not in str(info.value)
+
+
+def test_delete_advice_only_for_a_file_that_matches_nothing(fake_sums):
+    folder = write(fake_sums / "d", FAKE["mnist"])
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(FAKE["fashion-mnist"]["train-images-idx3-ubyte"]))
+    with pytest.raises(CorruptDataError, match="this is fashion-mnist's train-images") as info:
+        load_split("mnist", "train", root=folder)
+    assert "Delete it" not in str(info.value)
+    altered = bytearray(FAKE["mnist"]["train-images-idx3-ubyte"])
+    altered[-1] ^= 1
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(altered)))
+    with pytest.raises(CorruptDataError, match="Delete it"):
+        load_split("mnist", "train", root=folder)
+
+
+def test_damaged_deflate_stream_is_corrupt_data_naming_the_file(fake_sums):
+    folder = write(fake_sums / "d", FAKE["mnist"])
+    path = folder / "t10k-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[10] = 0xFF  # the first deflate block header: BTYPE 11, which does not exist (zlib.error)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptDataError, match="t10k-images-idx3-ubyte.gz.*corrupt"):
+        load_split("mnist", "test", root=folder)
+    path.write_bytes(gzip.compress(FAKE["mnist"]["t10k-images-idx3-ubyte"])[:-30])  # cut short: EOFError
+    with pytest.raises(CorruptDataError, match="t10k-images-idx3-ubyte.gz.*truncated"):
+        load_split("mnist", "test", root=folder)
+
+
+def test_permission_denied_is_reported_as_permission(fake_sums, monkeypatch):
+    # The tests may run as root, for whom chmod does not bite: the OS's refusal is simulated.
+    folder = write(fake_sums / "d", FAKE["mnist"])
+    real_open = gzip.open
+
+    def refuse(path, *args, **kwargs):
+        if Path(path).name.startswith("t10k-images"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(gzip, "open", refuse)
+    with pytest.raises(DataPermissionError, match="t10k-images-idx3-ubyte.gz: permission denied"):
+        load_split("mnist", "test", root=folder)
+    monkeypatch.setattr(gzip, "open", real_open)
+
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self.parent == folder:  # the folder lets nobody in
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(DataPermissionError, match="permission denied"):
+        find_dataset("mnist", root=folder)
+
+
+def test_every_data_error_is_a_vaelib_error():
+    for cls in (data.DataError, data.UnknownDatasetError, DataNotFoundError, CorruptDataError, DataPermissionError):
+        assert issubclass(cls, VaelibError)
+
+
+# ------------------------------------------------------------------------------------------- CLI arguments
+@pytest.mark.parametrize("option, value", [
+    ("--seed", "abc"), ("--seed", "-1"), ("--seed", str(2**64)), ("--epochs", "1.5"), ("--batch-size", "0"),
+    ("--beta", "nan"), ("--beta", "-1"), ("--beta", "inf"), ("--sigma", "inf"), ("--sigma", "nan"),
+    ("--lr", "nan"), ("--lr", "inf"), ("--lr-final", "inf"), ("--warmup-epochs", "x"),
+])
+def test_bad_option_is_refused_up_front_naming_the_option(option, value, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:  # (an empty data root: if the option passed, no training would start)
+        main(["train", "--out", str(tmp_path / "run"), "--data-root", str(tmp_path), option, value])
+    assert info.value.code == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"argument {option}: expected" in line and "_" not in line.split("(see")[0], line
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_seed_names_the_option(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path), "--seed", "x"])
+    assert "argument --seed: expected a non-negative integer" in one_line(capsys.readouterr().err)
+
+
+def test_out_that_is_a_file_is_one_line_and_the_file_survives(tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    proc = run_cli("train", "--out", str(out), "--data-root", str(tmp_path), "--epochs", "0", "--no-progress",
+                   "--device", "cpu")
+    assert proc.returncode == 2
+    assert "is not a directory" in one_line(proc.stderr)
+    assert out.read_text() == "keep me"
+
+
+def test_os_errors_are_named_in_one_line(monkeypatch, capsys, tmp_path):
+    faults = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
+              errno.ENOTDIR: "not a directory", errno.EROFS: "read-only file system"}
+    for code, words in faults.items():
+        def command(args, code=code):
+            raise OSError(code, os.strerror(code), str(tmp_path / "checkpoint.pt"))
+
+        monkeypatch.setattr(cli, "cmd_data", command)
+        assert main(["data", "mnist"]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert line == f"vaelib data: error: {words}: {tmp_path / 'checkpoint.pt'}"
+
+
+def test_debug_adds_the_traceback(monkeypatch, capsys, tmp_path):
+    def command(args):
+        raise DataNotFoundError("mnist data not found here")
+
+    monkeypatch.setattr(cli, "cmd_data", command)
+    assert main(["data", "mnist", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1] == "vaelib data: error: mnist data not found here"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_while_loading_data_is_one_line(signum, code, monkeypatch, tmp_path):
+    def slow_load(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the signal arrives in here
+        raise AssertionError("the signal did not interrupt")
+
+    monkeypatch.setattr(data, "load_split", slow_load)  # inherited by the child
+    pid = fork_main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"], tmp_path / "log")
+    assert wait_exit_code(pid) == code
+    assert "interrupted" in one_line((tmp_path / "log" / "err").read_text())
+
+
+def test_sigterm_handler_is_the_clis_only_while_it_runs(capsys, tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["data", "mnist", "--root", str(tmp_path)]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_eval_checks_it_can_write_before_computing(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    import torch
+
+    from vaelib import evaluation
+    from vaelib.models import build_vae
+    from vaelib.training import fit
+
+    torch.manual_seed(0)
+    out = tmp_path / "run"
+    fit(build_vae(latent_dim=2, hidden=(8,)), torch.rand(16, 784), epochs=0, out_dir=out, progress=False,
+        device="cpu", run_info={"dataset": "mnist"})
+    computed = []
+    monkeypatch.setattr(evaluation, "evaluate_elbo", lambda *a, **k: computed.append(1))
+    monkeypatch.setattr(data, "load_split", lambda *a, **k: computed.append(1))
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(Path(dir) / ".vaelib-write-test.x"))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert main(["eval", str(out), "--device", "cpu"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "read-only file system" in line and str(out) in line
+    assert computed == [] and not (out / "eval.json").exists()
+
+
+def test_mistyped_data_root_is_an_error_not_a_fall_through(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--data-root", str(tmp_path / "fashoin"),
+                 "--epochs", "0", "--no-progress", "--device", "cpu"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "does not exist" in line and str(tmp_path / "fashoin") in line
+    assert not (tmp_path / "run").exists()
+
+
+@needs_real_data
+def test_env_var_pointing_at_the_other_data_set_says_so(monkeypatch, capsys):
+    monkeypatch.setenv(data.DATA_ENV, str(REAL_FASHION))
+    assert main(["data", "mnist"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "holds fashion-mnist, not mnist" in line and "Delete it" not in line
+
+
+def test_run_json_records_the_resolved_data_folder(fake_sums, capsys):
+    write(fake_sums / "d" / "MNIST" / "raw", FAKE["mnist"])  # torchvision's layout under the root given
+    out = fake_sums / "run"
+    assert main(["train", "--dataset", "mnist", "--out", str(out), "--data-root", str(fake_sums / "d"),
+                 "--epochs", "0", "--test-size", "0", "--no-progress", "--device", "cpu"]) == 0
+    info = json.loads((out / "run.json").read_text())["run_info"]
+    assert info["data_root"] == str(fake_sums / "d") and info["data_path"] == str(fake_sums / "d" / "MNIST" / "raw")
+
+
+# ------------------------------------------------------------------------------------------- runs: kill, resume
+N_TRAIN, EPOCHS = 192, 6
+
+
+@pytest.fixture
+def fake_mnist(fake_sums):
+    """A tiny 'mnist' (192 training, 192 test images) that passes the checksums; the root folder it is in."""
+    files = fake_files(3, n=N_TRAIN)
+    sums = {s: hashlib.md5(raw).hexdigest() for s, raw in files.items()}
+    data._MD5["mnist"] = sums  # (fake_sums' monkeypatch restores the whole table)
+    data._KNOWN_FILES.update({m: ("mnist", s) for s, m in sums.items()})
+    return write(fake_sums / "mnist-data", files)
+
+
+def train_argv(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--dataset", "mnist", "--data-root", str(root), "--out", str(out), "--latent", "2",
+            "--hidden", "16", "--batch-size", "32", "--epochs", str(EPOCHS), "--test-size", "32",
+            "--checkpoint-every", "2", "--binarize", "dynamic", "--seed", "3", "--no-progress", "--device", "cpu",
+            *extra]
+
+
+def resume_argv(out: Path) -> list[str]:
+    # Only what a user types: the data set, model and settings come from the run.
+    return ["train", "--out", str(out), "--resume", "--no-progress", "--device", "cpu"]
+
+
+def final_state(out: Path):
+    import torch
+
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    history = [{k: v for k, v in row.items() if k != "seconds"} for row in ckpt["history"]]
+    return ckpt["epoch"], ckpt["model_state"], history
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    import torch
+
+    epoch_a, state_a, hist_a = final_state(a)
+    epoch_b, state_b, hist_b = final_state(b)
+    assert epoch_a == epoch_b == EPOCHS and hist_a == hist_b
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_killed_at_random_points_then_resumed_equals_an_uninterrupted_run(fake_mnist, tmp_path, monkeypatch):
+    """SIGINT, SIGTERM and SIGKILL at seeded random moments; then `--resume` until done: bit for bit the same."""
+    import random
+
+    import torch
+
+    real_load = data.load_split
+
+    def load_split(*args, **kwargs):  # (in the children) tells the test that data loading has begun
+        (tmp_path / f"loading-{os.getpid()}").touch()
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(data, "load_split", load_split)
+
+    reference = tmp_path / "reference"
+    pid = fork_main(train_argv(fake_mnist, reference), tmp_path / "log-ref")
+    started = wait_for(reference / "checkpoint.pt")  # the epoch-0 checkpoint: training starts
+    assert wait_exit_code(pid) == 0
+    training_seconds = time.monotonic() - started
+    rng = random.Random(14)
+    expected_code = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}
+    for trial, signum in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGKILL] * 2):
+        out, logs = tmp_path / f"run{trial}", tmp_path / f"log{trial}"
+        pid = fork_main(train_argv(fake_mnist, out), logs)
+        if trial == 0:  # the first trial: during data loading; the others: at a random moment of training
+            wait_for(tmp_path / f"loading-{pid}")
+        else:
+            wait_for(out / "checkpoint.pt")
+            time.sleep(rng.uniform(0.0, 0.8) * training_seconds)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+        code = wait_exit_code(pid)
+        assert code in (0, expected_code[signum]), (trial, code, (logs / "err").read_text())
+        if code in (130, 143):
+            err = one_line((logs / "err").read_text())
+            assert "interrupted" in err
+            if (out / "history.json").exists():  # nothing finished is lost: pending epochs were saved
+                saved = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+                assert saved == len(json.loads((out / "history.json").read_text())), err
+        resumed = resume_argv(out) if (out / "checkpoint.pt").exists() else train_argv(fake_mnist, out)
+        assert wait_exit_code(fork_main(resumed, logs)) == 0, (logs / "err").read_text()
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # a SIGKILL's temp file is gone
+        assert_same_run(reference, out)
+
+
+def test_sigterm_saves_the_pending_epochs(fake_mnist, tmp_path, monkeypatch):
+    from vaelib import training
+
+    real, calls = training.train_epoch, []
+
+    def epoch_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # epochs 1-3 are done; with --checkpoint-every 2 epoch 3 was not written yet
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", epoch_then_sigterm)  # in the forked child
+    out = tmp_path / "run"
+    assert wait_exit_code(fork_main(train_argv(fake_mnist, out), tmp_path / "log")) == 143
+    assert "interrupted by SIGTERM" in one_line((tmp_path / "log" / "err").read_text())
+    assert final_state(out)[0] == 3
+
+
+def test_interrupt_between_checkpoint_and_history_leaves_them_matching(tmp_path, monkeypatch):
+    import torch
+
+    from vaelib import runs
+    from vaelib.models import build_vae
+    from vaelib.training import TrainingInterrupted, fit
+
+    real, calls = runs.write_history, []
+
+    def interrupted_once(run_dir, history):
+        calls.append(len(history))
+        if len(history) == 2 and calls.count(2) == 1:  # epoch 2's checkpoint is written, its history not yet
+            raise KeyboardInterrupt
+        real(run_dir, history)
+
+    monkeypatch.setattr(runs, "write_history", interrupted_once)
+    torch.manual_seed(0)
+    with pytest.raises(TrainingInterrupted):
+        fit(build_vae(latent_dim=2, hidden=(8,)), torch.rand(64, 784), epochs=4, batch_size=32, checkpoint_every=2,
+            out_dir=tmp_path, progress=False, device="cpu")
+    assert final_state(tmp_path)[0] == 2 == len(json.loads((tmp_path / "history.json").read_text()))
+
+
+def test_divergence_saves_the_last_good_epoch(tmp_path, monkeypatch):
+    import torch
+
+    from vaelib import training
+    from vaelib.models import build_vae
+    from vaelib.training import TrainingDivergedError, fit
+
+    real, calls = training.train_epoch, []
+
+    def nan_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        acc, bad = real(*args, **kwargs)
+        return (acc, torch.zeros_like(bad)) if len(calls) == 3 else (acc, bad)  # step 1's loss "was NaN"
+
+    monkeypatch.setattr(training, "train_epoch", nan_in_epoch_3)
+    torch.manual_seed(0)
+    with pytest.raises(TrainingDivergedError, match="end of epoch 2"):
+        fit(build_vae(latent_dim=2, hidden=(8,)), torch.rand(64, 784), epochs=6, batch_size=32, checkpoint_every=5,
+            out_dir=tmp_path, progress=False, device="cpu")
+    assert final_state(tmp_path)[0] == 2
+
+
+# ------------------------------------------------------------------------------------------- runs: never lost
+def test_train_into_an_existing_run_refuses_and_overwrite_replaces(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    (out / "eval.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(train_argv(fake_mnist, out, "--epochs", "1", "--lr", "0.01")) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(train_argv(fake_mnist, out, "--epochs", "1", "--lr", "0.01", "--overwrite")) == 0
+    assert not (out / "eval.json").exists()
+    assert json.loads((out / "run.json").read_text())["settings"]["lr"] == 0.01
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_checkpoint_is_written(tmp_path, monkeypatch):
+    import torch
+
+    from vaelib import runs
+    from vaelib.models import build_vae
+    from vaelib.training import fit
+
+    x = torch.rand(64, 784, generator=torch.Generator().manual_seed(0))
+    fit(build_vae(latent_dim=2, hidden=(8,)), x, epochs=1, out_dir=tmp_path, progress=False, device="cpu")
+    (tmp_path / "eval.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(state, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(runs, "save_checkpoint", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        fit(build_vae(latent_dim=2, hidden=(8,)), x, epochs=1, out_dir=tmp_path, overwrite=True, progress=False,
+            device="cpu")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "1e6"), ("--binarize", "threshold"), ("--seed", "5"),
+                                           ("--latent", "3"), ("--dataset", "fashion-mnist")])
+def test_resume_with_another_option_refuses_naming_it(option, value, fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*resume_argv(out), "--epochs", "2", option, value]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"{option} " in line and "cannot resume" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_with_other_data_of_the_same_size_refuses(tmp_path):
+    import torch
+
+    from vaelib.models import build_vae
+    from vaelib.runs import RunMismatchError
+    from vaelib.training import fit
+
+    g = torch.Generator().manual_seed(0)
+    x, other = torch.rand(64, 784, generator=g), torch.rand(64, 784, generator=g)
+    fit(build_vae(latent_dim=2, hidden=(8,)), x, epochs=1, out_dir=tmp_path, progress=False, device="cpu")
+    with pytest.raises(RunMismatchError, match="data"):
+        fit(build_vae(latent_dim=2, hidden=(8,)), other, epochs=2, out_dir=tmp_path, resume=True, progress=False,
+            device="cpu")
+    fit(build_vae(latent_dim=2, hidden=(8,)), x, epochs=2, out_dir=tmp_path, resume=True, progress=False,
+        device="cpu")  # the same data: fine, and --epochs may change
+
+
+def test_a_second_writer_gets_one_line_naming_the_holder(fake_mnist, tmp_path, monkeypatch, capsys):
+    from vaelib import training
+
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    real = training.train_epoch
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", slow)
+    holder = fork_main([*resume_argv(out), "--epochs", "40"], tmp_path / "log")  # a first writer, for ~20 s
+    monkeypatch.setattr(training, "train_epoch", real)
+    try:
+        deadline = time.monotonic() + 60
+        while (out / ".lock").read_text().strip() != str(holder):
+            assert time.monotonic() < deadline, "the first writer never took the lock"
+            time.sleep(0.05)
+        for argv in ([*resume_argv(out), "--epochs", "3"], train_argv(fake_mnist, out, "--overwrite"),
+                     ["eval", str(out), "--device", "cpu"]):
+            assert main(argv) == 2
+            line = one_line(capsys.readouterr().err)
+            assert f"in use by process {holder}" in line, line
+    finally:
+        os.kill(holder, signal.SIGTERM)
+        assert wait_exit_code(holder) == 143
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["epochs"] == 40 and "--epochs 40" in run["run_info"]["command"]  # the holder's, alone
+
+
+# ------------------------------------------------------------------------------------------- runs: bad checkpoints
+def _tiny_run(path: Path) -> Path:
+    import torch
+
+    from vaelib.models import build_vae
+    from vaelib.training import fit
+
+    torch.manual_seed(0)
+    fit(build_vae(latent_dim=2, hidden=(8,)), torch.rand(32, 784), epochs=1, out_dir=path, progress=False,
+        device="cpu", run_info={"dataset": "mnist"})
+    return path / "checkpoint.pt"
+
+
+class Payload:
+    """A pickle that would touch ``marker`` when loaded: a checkpoint must never run it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "foreign", "malicious"])
+def test_bad_checkpoint_is_one_line_and_runs_nothing(damage, tmp_path, capsys):
+    import torch
+
+    ckpt = _tiny_run(tmp_path / "run")
+    raw = ckpt.read_bytes()
+    marker = tmp_path / "payload-ran"
+    if damage == "truncated":
+        ckpt.write_bytes(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        ckpt.write_bytes(os.urandom(len(raw)))
+    elif damage == "empty":
+        ckpt.write_bytes(b"")
+    elif damage == "foreign":
+        torch.save({"state_dict": {}}, ckpt)
+    else:
+        torch.save({"format": 2, "epoch": 1, "model_state": Payload(marker), "history": []}, ckpt)
+    for argv in (["eval", str(tmp_path / "run"), "--device", "cpu"],
+                 ["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress", "--device", "cpu"]):
+        assert main(argv) == 2
+        line = one_line(capsys.readouterr().err)
+        assert "is corrupt or not a vaelib checkpoint" in line and "weights_only" not in line, line
+    assert not marker.exists()
+
+
+def test_stale_temp_files_go_and_files_get_the_umask_mode(tmp_path):
+    import stat as st
+
+    old = os.umask(0o027)
+    try:
+        ckpt = _tiny_run(tmp_path / "run")
+        stale = tmp_path / "run" / ".checkpoint.pt.k1ll3d.tmp"
+        stale.write_bytes(b"x" * 1000)
+        keep = tmp_path / "run" / "notes.tmp"  # not ours: stays
+        keep.write_text("mine")
+        import torch
+
+        from vaelib.models import build_vae
+        from vaelib.training import fit
+
+        torch.manual_seed(0)
+        fit(build_vae(latent_dim=2, hidden=(8,)), torch.rand(32, 784), epochs=2, out_dir=tmp_path / "run",
+            resume=True, progress=False, device="cpu")
+    finally:
+        os.umask(old)
+    assert not stale.exists() and keep.exists()
+    for name in ("checkpoint.pt", "history.json", "history.csv", "run.json"):
+        assert st.S_IMODE((ckpt.parent / name).stat().st_mode) == 0o640, name
+
+
+def test_full_disk_is_named_not_torch_unexpected_pos(tmp_path, monkeypatch):
+    import io
+
+    import torch
+
+    from vaelib import runs
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self):
+            self.written = 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.written += len(b)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return len(b)
+
+    monkeypatch.setattr(runs, "atomic_write", lambda path, write: write(FullDisk()))
+    with pytest.raises(OSError) as info:
+        runs.save_checkpoint({"w": torch.zeros(10_000)}, tmp_path / "checkpoint.pt")
+    assert info.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("bad", ["nan", "empty"])
+def test_evaluation_refuses_nan_and_empty_input(bad):
+    import torch
+
+    from vaelib.errors import InvalidInputError
+    from vaelib.evaluation import evaluate_elbo, iwae_nll
+    from vaelib.models import build_vae
+
+    model = build_vae(latent_dim=2, hidden=(8,))
+    x = torch.rand(4, 784)
+    if bad == "nan":
+        x[2, 5] = float("nan")
+    else:
+        x = x[:0]
+    for evaluate in (evaluate_elbo, lambda m, v: iwae_nll(m, v, k=4)):
+        with pytest.raises(InvalidInputError, match="NaN" if bad == "nan" else "empty"):
+            evaluate(model, x)
