@@ -132,10 +132,10 @@ def test_lr_schedule_applies_to_a_custom_optimizer(data):
                  optimizer=lambda params: torch.optim.SGD(params, lr=0.025))
     assert result.history[0]["lr"] == 0.025
 
-
-def test_resume_follows_the_lr_schedule_bit_for_bit(tmp_path, data, interrupt_at_epoch):
+def straight_and_resumed(tmp_path, data, interrupt_at_epoch, **kw):
+    """The same run twice: straight through, and interrupted in epoch 3 then resumed from its checkpoint
+    (into a model with other initial weights, which the checkpoint must overwrite). Both must be identical."""
     train, test = data
-    kw = dict(epochs=4, batch_size=48, lr=1e-2, lr_final=1e-3, binarize=True, progress=False, seed=3)
     straight = fit(tiny_model(1), train, test, **kw)
     disarm = interrupt_at_epoch(3)
     with pytest.raises(TrainingInterrupted):
@@ -145,6 +145,12 @@ def test_resume_follows_the_lr_schedule_bit_for_bit(tmp_path, data, interrupt_at
     assert resumed.resumed_from == 2
     assert_same_params(straight.model, resumed.model)
     assert without_seconds(straight.history) == without_seconds(resumed.history)
+    return straight, resumed
+
+
+def test_resume_follows_the_lr_schedule_bit_for_bit(tmp_path, data, interrupt_at_epoch):
+    straight_and_resumed(tmp_path, data, interrupt_at_epoch, epochs=4, batch_size=48, lr=1e-2, lr_final=1e-3,
+                         binarize=True, progress=False, seed=3)
 
 
 def test_optimizer_state_keeps_its_kind_of_lr():
@@ -403,20 +409,11 @@ def test_capture_warms_up_on_the_training_data(monkeypatch, data):
 def test_graph_path_resume_is_exact(tmp_path, monkeypatch, data, interrupt_at_epoch):
     """Interrupted in epoch 3 and resumed, the graph path continues exactly as an uninterrupted run: capture
     (whose warm-up draws noise) happens before seeding and before the checkpoint's RNG state is restored."""
-    train, test = data
     graph_on_cpu(monkeypatch)
-    kw = dict(epochs=4, batch_size=48, binarize=True, progress=False, seed=3)
-    straight = fit(tiny_model(1), train, test, **kw)
-    assert straight.fast == "graph"
-    disarm = interrupt_at_epoch(3)
-    with pytest.raises(TrainingInterrupted):
-        fit(tiny_model(1), train, test, out_dir=tmp_path, **kw)
-    disarm()
-    resumed = fit(tiny_model(99), train, test, out_dir=tmp_path, resume=True, **kw)
-    assert resumed.resumed_from == 2 and resumed.fast == "graph"
+    straight, resumed = straight_and_resumed(tmp_path, data, interrupt_at_epoch, epochs=4, batch_size=48,
+                                             binarize=True, progress=False, seed=3)
+    assert straight.fast == resumed.fast == "graph"
     assert json.loads((tmp_path / "run.json").read_text())["fast"] == "graph"
-    assert_same_params(straight.model, resumed.model)
-    assert without_seconds(straight.history) == without_seconds(resumed.history)
 
 
 def test_history_lr_is_the_schedules_value_with_a_tensor_lr(monkeypatch, data):
@@ -632,18 +629,10 @@ def test_cuda_forced_capture_failure_gives_the_eager_result(monkeypatch, data):
 @cuda
 @pytest.mark.parametrize("fast", ["eager", "graph"])
 def test_cuda_resume_is_exact(tmp_path, data, interrupt_at_epoch, fast):
-    train, test = data
-    kw = dict(epochs=4, batch_size=48, lr=1e-2, lr_final=1e-3, binarize=True, progress=False, seed=3,
-              device="cuda", fast=fast)
-    straight = fit(tiny_model(1), train, test, **kw)
-    disarm = interrupt_at_epoch(3)
-    with pytest.raises(TrainingInterrupted):
-        fit(tiny_model(1), train, test, out_dir=tmp_path, **kw)
-    disarm()
-    resumed = fit(tiny_model(99), train, test, out_dir=tmp_path, resume=True, **kw)
-    assert straight.fast == resumed.fast == fast and resumed.resumed_from == 2
-    assert_same_params(straight.model, resumed.model)
-    assert without_seconds(straight.history) == without_seconds(resumed.history)
+    straight, resumed = straight_and_resumed(tmp_path, data, interrupt_at_epoch, epochs=4, batch_size=48,
+                                             lr=1e-2, lr_final=1e-3, binarize=True, progress=False, seed=3,
+                                             device="cuda", fast=fast)
+    assert straight.fast == resumed.fast == fast
 
 
 @pytest.mark.cuda
