@@ -79,7 +79,7 @@ notebooks: venv data
 	  env -u VAELIB_QUICK $(BIN)/jupyter execute --inplace --timeout=3600 book/chapters/$$nb.ipynb; \
 	done
 
-## benchmark: training-speed benchmark on this machine; writes benchmarks/results/<device>.json
+## benchmark: training-speed benchmark on this machine; writes benchmarks/results/<device>-<host>-<time>.json
 benchmark: venv data
 	$(PY) benchmarks/train_speed.py
 
