@@ -45,10 +45,10 @@ $(STAMP): pyproject.toml
 data: venv
 	@bash scripts/ensure-data.sh $(PY)
 
-## lint: ruff over the package and tests, line length of the chapters' code, actionlint over the workflows
+## lint: ruff over the package and tests; the chapters' code at most 88 columns (the width of the column on the
+## site and in Colab); actionlint over the workflows
 lint: venv
 	$(BIN)/ruff check vaelib tests benchmarks
-	# The chapters' code is read in an ~88-column column on the site and in Colab.
 	$(BIN)/ruff check --select E501 --line-length 88 book/chapters
 	$(BIN)/actionlint
 
