@@ -26,7 +26,8 @@ def _is_page(path: Path) -> bool:
     which is tested itself)."""
     if path.relative_to(SITE).parts[0].startswith("_"):
         return False
-    return 'http-equiv="refresh"' not in path.read_text(encoding="utf-8", errors="replace")[:2000]
+    # Sphinx writes the stub as <meta http-equiv="Refresh" ...>: HTML attribute values are matched without case.
+    return 'http-equiv="refresh"' not in path.read_text(encoding="utf-8", errors="replace")[:2000].lower()
 
 
 PAGES = sorted(p.relative_to(SITE).as_posix() for p in SITE.rglob("*.html") if _is_page(p)) if SITE.is_dir() else []
