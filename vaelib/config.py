@@ -31,13 +31,18 @@ class DeviceUnavailableError(VaelibError, ValueError):
     """The requested device does not exist on this machine; the message names the ones that do."""
 
 
+def _mps_available() -> bool:
+    """Apple's MPS backend is present (older torch builds have no torch.backends.mps at all)."""
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
 def available_devices() -> list[str]:
     """The devices this machine offers, e.g. ["cpu", "cuda:0", "cuda:1"]."""
     found = ["cpu"]
     if torch.cuda.is_available():
         found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
+    if _mps_available():
         found.append("mps")
     return found
 
@@ -48,8 +53,7 @@ def _check_available(device: torch.device) -> torch.device:
     if device.type == "cuda":
         ok = torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())
     elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        ok = mps is not None and mps.is_available()
+        ok = _mps_available()
     else:
         return device  # other backends (xpu, ...): torch itself says whether they work
     if not ok:
@@ -72,8 +76,7 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
         return _check_available(chosen)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
