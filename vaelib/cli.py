@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import os
 import shlex
@@ -307,7 +306,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from vaelib.evaluation import active_units, evaluate_elbo, iwae_nll, kl_per_dimension
-    from vaelib.runs import EVAL_JSON, RunLock, RunNotFoundError, atomic_write, load_run
+    from vaelib.runs import EVAL_JSON, RunLock, RunNotFoundError, load_run, write_json
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -335,15 +334,14 @@ def cmd_eval(args) -> int:
             n = min(len(test_x), args.iwae_images or len(test_x))
             results["iwae_k"], results["iwae_images"] = args.iwae_k, n
             results["iwae_nll"] = iwae_nll(model, test_x[:n], k=args.iwae_k, max_elements=args.max_elements)
-        out = run_dir / EVAL_JSON
-        atomic_write(out, lambda fh: fh.write(json.dumps(results, indent=1).encode()))  # never a torn eval.json
+        write_json(run_dir / EVAL_JSON, results)  # atomic: never a torn eval.json
     print(f"run {run_dir} (epoch {run.epoch}), {len(test_x)} test images")
     print(f"  test ELBO        {results['test_elbo']:.3f} nats (rec {results['test_rec']:.3f}, "
           f"KL {results['test_kl']:.3f})")
     if "iwae_nll" in results:
         print(f"  IWAE NLL (k={args.iwae_k}, {results['iwae_images']} images)  {results['iwae_nll']:.3f} nats")
     print(f"  active units     {count} of {model.latent_dim} (Var_x E_q[z_j] > 0.01)")
-    print(f"  written to {out}")
+    print(f"  written to {run_dir / EVAL_JSON}")
     return EXIT_OK
 
 
