@@ -103,3 +103,32 @@ def test_encoder_log_prob_reuses_stats(model_and_data):
     mu, log_var = model.encoder(x)
     z = model.encoder.reparameterize(mu, log_var, 3)
     torch.testing.assert_close(model.encoder.log_prob(None, z, stats=(mu, log_var)), log_normal_diag(z, mu, log_var))
+
+
+def test_given_stats_replace_the_encoder(model_and_data):
+    """elbo/iwae_bound with ``stats`` use that q, not encoder(x): compared with torch.distributions on a q that the
+    encoder could not produce (ignoring stats would give the encoder's q, a different value)."""
+    model, x = model_and_data
+    x = x[:4]
+    torch.manual_seed(5)
+    mu, log_var = torch.randn(4, 4), torch.randn(4, 4) - 1.0
+    q = torch.distributions.Normal(mu, (0.5 * log_var).exp())
+    p = torch.distributions.Normal(torch.zeros(4), torch.ones(4))
+    kl = torch.distributions.kl_divergence(q, p).sum(-1)
+    z = q.sample((4000,))
+    rec = torch.distributions.Bernoulli(logits=model.decoder(z)).log_prob(x).sum(-1)
+    ref = rec.mean(0) - kl
+    se = rec.std(0) / math.sqrt(4000)
+    with torch.no_grad():
+        terms = elbo(model, x, n_samples=4000, stats=(mu, log_var))
+        torch.testing.assert_close(terms.kl, kl)
+        assert ((terms.elbo - ref).abs() < 4 * math.sqrt(2) * se).all()
+        own = elbo(model, x, n_samples=4000)
+        assert ((own.elbo - ref).abs() > 8 * se).any()
+        torch.manual_seed(6)  # the same noise eps for both routes: z = mu + s * eps
+        z = mu + (0.5 * log_var).exp() * torch.randn(100, 4, 4)
+        log_w = (torch.distributions.Bernoulli(logits=model.decoder(z)).log_prob(x).sum(-1)
+                 + p.log_prob(z).sum(-1) - q.log_prob(z).sum(-1))
+        torch.manual_seed(6)
+        bound = iwae_bound(model, x, k=100, chunk=100, stats=(mu, log_var))
+        torch.testing.assert_close(bound, torch.logsumexp(log_w, 0) - math.log(100))

@@ -112,10 +112,13 @@ class Encoder(nn.Module):
         eps = torch.randn(shape, dtype=mu.dtype, device=mu.device)
         return mu + torch.exp(0.5 * log_var) * eps
 
+    def rsample(self, stats: tuple[Tensor, ...], n: int | None = None) -> Tensor:
+        """Reparameterised draws from the q that ``stats`` (what :meth:`forward` returns) describe."""
+        return self.reparameterize(*stats, n)
+
     def sample(self, x: Tensor, n: int | None = None) -> Tensor:
         """Reparameterised draws z ~ q(z|x) (differentiable in the encoder's parameters)."""
-        mu, log_var = self(x)
-        return self.reparameterize(mu, log_var, n)
+        return self.rsample(self(x), n)
 
     def log_prob(self, x: Tensor | None, z: Tensor, *, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """log q(z|x), one value per latent vector; pass ``stats=(mu, log_var)`` to skip re-encoding x."""

@@ -1,9 +1,10 @@
 """Training objectives: the ELBO (analytic or Monte-Carlo KL, beta weight, warm-up) and the IWAE bound.
 
 All functions return one value per example; reduce with ``.mean()`` (or :meth:`ElboTerms.loss`).
-A model is anything with ``encoder(x) -> (mu, log_var)``, ``encoder.reparameterize``, ``encoder.log_prob``,
-``decoder.log_prob(x, z)`` and ``prior.log_prob(z)`` (plus ``prior.kl(mu, log_var)`` for the analytic KL),
-e.g. :class:`vaelib.models.VAE`.
+A model is anything with ``encoder(x) -> stats`` (a tuple of tensors, ``(mu, log_var)`` for the diagonal
+Gaussian), ``encoder.rsample(stats, n)``, ``encoder.log_prob(x, z, stats=stats)``, ``decoder.log_prob(x, z)`` and
+``prior.log_prob(z)`` (plus ``prior.kl(*stats)`` for the analytic KL), e.g. :class:`vaelib.models.VAE`.
+Functions that take ``stats`` use them in place of ``encoder(x)``: an optimised per-example q, for instance.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vaelib.distributions import log_normal_diag
 from vaelib.models import model_device
 
 KL_ESTIMATORS = ("analytic", "mc")
@@ -45,7 +45,8 @@ def to_model(model, x: Tensor) -> Tensor:
     return x if x.device == device else x.to(device)
 
 
-def elbo(model, x: Tensor, beta: float | Tensor = 1.0, kl: str = "analytic", n_samples: int = 1) -> ElboTerms:
+def elbo(model, x: Tensor, beta: float | Tensor = 1.0, kl: str = "analytic", n_samples: int = 1,
+         stats: tuple[Tensor, ...] | None = None) -> ElboTerms:
     """ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) per example, with reparameterised samples.
 
     kl="analytic" uses the prior's closed form (Kingma & Welling 2013, Appendix B); kl="mc" estimates it from
@@ -54,13 +55,13 @@ def elbo(model, x: Tensor, beta: float | Tensor = 1.0, kl: str = "analytic", n_s
     if kl not in KL_ESTIMATORS:
         raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
     x = to_model(model, x)
-    mu, log_var = model.encoder(x)
-    z = model.encoder.reparameterize(mu, log_var, None if n_samples == 1 else n_samples)
+    stats = model.encoder(x) if stats is None else stats
+    z = model.encoder.rsample(stats, None if n_samples == 1 else n_samples)
     rec = model.decoder.log_prob(x, z)
     if kl == "analytic":
-        kl_value = model.prior.kl(mu, log_var)
+        kl_value = model.prior.kl(*stats)
     else:
-        kl_value = model.encoder.log_prob(x, z, stats=(mu, log_var)) - model.prior.log_prob(z)
+        kl_value = model.encoder.log_prob(x, z, stats=stats) - model.prior.log_prob(z)
     if n_samples != 1:
         rec, kl_value = rec.mean(0), kl_value.mean(0) if kl_value.dim() > 1 else kl_value
     return ElboTerms(elbo=rec - kl_value, rec=rec, kl=kl_value, beta=beta)
@@ -76,11 +77,11 @@ def kl_warmup(epoch: int, warmup_epochs: int, beta: float = 1.0) -> float:
     return float(beta) * min(1.0, (epoch - 1) / warmup_epochs)
 
 
-def log_importance_weights(model, x: Tensor, k: int, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def log_importance_weights(model, x: Tensor, k: int, stats: tuple[Tensor, ...] | None = None) -> Tensor:
     """log w_i = log p(x, z_i) - log q(z_i|x) for k draws z_i ~ q(z|x): shape (k, batch)."""
-    mu, log_var = model.encoder(x) if stats is None else stats
-    z = model.encoder.reparameterize(mu, log_var, k)
-    return model.decoder.log_prob(x, z) + model.prior.log_prob(z) - log_normal_diag(z, mu, log_var)
+    stats = model.encoder(x) if stats is None else stats
+    z = model.encoder.rsample(stats, k)
+    return model.decoder.log_prob(x, z) + model.prior.log_prob(z) - model.encoder.log_prob(x, z, stats=stats)
 
 
 def default_max_elements(device: torch.device) -> int:
@@ -94,7 +95,8 @@ def default_chunk(k: int, batch: int, input_dim: int, max_elements: int) -> int:
     return max(1, min(k, max_elements // max(1, batch * input_dim)))
 
 
-def iwae_bound(model, x: Tensor, k: int = 50, chunk: int | None = None, max_elements: int | None = None) -> Tensor:
+def iwae_bound(model, x: Tensor, k: int = 50, chunk: int | None = None, max_elements: int | None = None,
+               stats: tuple[Tensor, ...] | None = None) -> Tensor:
     """The IWAE bound (Burda et al. 2015) per example: log (1/k) sum_i w_i, with k samples.
 
     Samples are drawn ``chunk`` at a time (default: as many as fit ``max_elements`` decoder outputs, by default
@@ -106,7 +108,7 @@ def iwae_bound(model, x: Tensor, k: int = 50, chunk: int | None = None, max_elem
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     x = to_model(model, x)
-    stats = model.encoder(x)
+    stats = model.encoder(x) if stats is None else stats
     if chunk is None:
         chunk = default_chunk(k, len(x), x.shape[-1], max_elements or default_max_elements(x.device))
     if chunk < 1:
