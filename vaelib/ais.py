@@ -3,9 +3,9 @@
 AIS moves k chains per example from a start distribution pi_0 (the prior p(z), or the encoder's q(z|x))
 to the posterior p(z|x) along the geometric path
 
-    pi_t(z) ∝ f_t(z) = pi_0(z)^(1 - tau_t) p(x, z)^tau_t,    0 = tau_0 < tau_1 < ... < tau_T = 1,
+    pi_t(z) ∝ gamma_t(z) = pi_0(z)^(1 - tau_t) p(x, z)^tau_t,    0 = tau_0 < tau_1 < ... < tau_T = 1,
 
-and weights each chain by log w = sum_{t=1}^T [log f_t(z_{t-1}) - log f_{t-1}(z_{t-1})]
+and weights each chain by log w = sum_{t=1}^T [log gamma_t(z_{t-1}) - log gamma_{t-1}(z_{t-1})]
 = sum_t (tau_t - tau_{t-1}) [log p(x, z_{t-1}) - log pi_0(z_{t-1})], where z_t comes from a Markov
 transition that leaves pi_t invariant (HMC or MALA). E[w] = p(x) exactly, for any T and any such
 transitions; (1/k) sum w over the chains is therefore unbiased, and its logarithm, the estimate returned,
