@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="evaluate a trained run on the test set",
-                        description="Test ELBO, IWAE negative log-likelihood, active units and KL per dimension; "
-                                    "writes eval.json to the run directory.")
+                        description="Test ELBO, IWAE negative log-likelihood (and, with --ais, an annealed importance "
+                                    "sampling estimate), active units and KL per dimension; writes eval.json to "
+                                    "the run directory.")
     ev.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `train`")
     ev.add_argument("--iwae-k", type=_nonnegative_int, default=5000,
                     help="importance samples for the IWAE bound (0: skip it) (default: %(default)s)")
@@ -179,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=_seed, default=0, help="seed of the Monte-Carlo estimates (default: %(default)s)")
     ev.add_argument("--max-elements", type=_positive_int, default=None, metavar="N",
                     help="memory bound: decoder outputs per IWAE chunk (default: 2^27 on CUDA, 2^24 on CPU)")
+    ev.add_argument("--ais", action="store_true",
+                    help="also estimate log p(x) by annealed importance sampling (costly: see --ais-images)")
+    ev.add_argument("--ais-steps", type=_positive_int, default=500, metavar="T",
+                    help="AIS: intermediate distributions (sigmoidal schedule) (default: %(default)s)")
+    ev.add_argument("--ais-chains", type=_positive_int, default=16, metavar="K",
+                    help="AIS: chains per image (default: %(default)s)")
+    ev.add_argument("--ais-images", type=_positive_int, default=100, metavar="N",
+                    help="AIS on the first N test images only (default: %(default)s)")
+    ev.add_argument("--ais-start", choices=("encoder", "prior"), default="encoder",
+                    help="AIS start distribution: q(z|x) or p(z) (default: %(default)s)")
+    ev.add_argument("--ais-transition", choices=("hmc", "mala"), default="hmc",
+                    help="AIS transition: HMC (10 leapfrog steps) or MALA (default: %(default)s)")
 
     da = sub.add_parser("data", help="locate and verify (or download) a data set and print its folder",
                         description="Locate the four IDX files, verify their checksums and print the folder.")
@@ -305,6 +318,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
+    from vaelib.ais import ais_log_likelihood
     from vaelib.evaluation import active_units, evaluate_elbo, iwae_nll, kl_per_dimension
     from vaelib.runs import EVAL_JSON, RunLock, RunNotFoundError, load_run, write_json
 
@@ -334,12 +348,27 @@ def cmd_eval(args) -> int:
             n = min(len(test_x), args.iwae_images or len(test_x))
             results["iwae_k"], results["iwae_images"] = args.iwae_k, n
             results["iwae_nll"] = iwae_nll(model, test_x[:n], k=args.iwae_k, max_elements=args.max_elements)
+        if args.ais:
+            n = min(len(test_x), args.ais_images)
+            ais = ais_log_likelihood(model, test_x[:n], n_steps=args.ais_steps, n_chains=args.ais_chains,
+                                     start=args.ais_start, transition=args.ais_transition, batch_size=100,
+                                     seed=args.seed)
+            nll = -ais.log_px.double().cpu()
+            results.update(ais_steps=args.ais_steps, ais_chains=args.ais_chains, ais_images=n,
+                           ais_start=args.ais_start, ais_transition=args.ais_transition,
+                           ais_nll=nll.mean().item(),
+                           ais_nll_se=(nll.std() / math.sqrt(n)).item() if n > 1 else None,
+                           ais_ess_median=ais.ess.median().item())
         write_json(run_dir / EVAL_JSON, results)  # atomic: never a torn eval.json
     print(f"run {run_dir} (epoch {run.epoch}), {len(test_x)} test images")
     print(f"  test ELBO        {results['test_elbo']:.3f} nats (rec {results['test_rec']:.3f}, "
           f"KL {results['test_kl']:.3f})")
     if "iwae_nll" in results:
         print(f"  IWAE NLL (k={args.iwae_k}, {results['iwae_images']} images)  {results['iwae_nll']:.3f} nats")
+    if "ais_nll" in results:
+        se = results["ais_nll_se"]
+        print(f"  AIS NLL (T={args.ais_steps}, k={args.ais_chains}, {results['ais_images']} images)  "
+              f"{results['ais_nll']:.3f}{f' +- {se:.3f}' if se is not None else ''} nats")
     print(f"  active units     {count} of {model.latent_dim} (Var_x E_q[z_j] > 0.01)")
     print(f"  written to {run_dir / EVAL_JSON}")
     return EXIT_OK
