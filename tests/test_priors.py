@@ -19,7 +19,7 @@ from vaelib.cuda_graph import GraphStepper
 from vaelib.data import DataNotFoundError, find_dataset
 from vaelib.distributions import entropy_full_normal, kl_full_normal
 from vaelib.models import StandardNormalPrior, VampPrior, build_vae
-from vaelib.objectives import default_kl, elbo, iwae_bound, log_importance_weights
+from vaelib.objectives import default_kl, elbo, log_importance_weights
 from vaelib.runs import RunMismatchError, load_run
 from vaelib.training import fit
 
@@ -94,9 +94,29 @@ def test_vamp_samples_have_the_mixture_moments():
     for estimate, target, draws in ((z.mean(0), mean, z), (z.pow(2).mean(0), second, z.pow(2))):
         se = draws.std(0) / n**0.5
         assert ((estimate - target).abs() < 4 * se).all(), (estimate, target, se)
-    # The generator alone decides the draws.
+    # The generator alone decides the draws; without one, the global RNG does (same moments).
     again = model.prior.sample(n, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(again, z, rtol=0, atol=0)
+    torch.manual_seed(4)
+    z = model.prior.sample(n)
+    assert ((z.pow(2).mean(0) - second).abs() < 4 * z.pow(2).std(0) / n**0.5).all()
+
+
+def test_vamp_samples_use_every_component_equally_often():
+    """Components far apart and narrow (pseudo-inputs = distinct random images, sigma ~ 0.02), so each draw's
+    nearest component mean names its component; each count ~ Binomial(n, 1/C), within 4 standard errors."""
+    model = tiny_vamp(pseudo_inputs=6).double()
+    with torch.no_grad():
+        model.prior.pseudo_inputs.copy_(torch.rand(6, 784, dtype=torch.float64))
+        model.encoder.head.bias[3:] = -8.0
+        model.encoder.head.weight[:3] *= 50.0  # spread the means
+    _, mu, log_var = _mixture(model)
+    assert torch.cdist(mu, mu).add(torch.eye(6, dtype=torch.float64) * 1e9).min() > 20 * log_var.exp().sqrt().max()
+    n, c = 30_000, 6
+    z = model.prior.sample(n, generator=torch.Generator().manual_seed(5))
+    counts = torch.bincount(torch.cdist(z, mu).argmin(1), minlength=c).double()
+    se = (n * (1 / c) * (1 - 1 / c)) ** 0.5
+    assert ((counts - n / c).abs() < 4 * se).all(), counts
 
 
 def test_vamp_is_registered_once_and_survives_save_load(tmp_path, data):
@@ -196,11 +216,12 @@ def test_iwae_loss_gradient_is_the_self_normalised_importance_weighted_gradient(
 
     torch.testing.assert_close(iwae, grad_of(self_normalised), rtol=1e-10, atol=1e-12)
     assert not torch.allclose(iwae, grad_of(plain_average), rtol=1e-3, atol=1e-6)
-    # And the loss is the bound: -mean L_k with the same draws.
+    # And the loss is the bound, -mean_x log (1/k) sum_i w_i, with the same draws, written out.
     torch.manual_seed(11)
     loss = training._batch_loss(model, x, 1.0, "mc", objective="iwae", k=k)[0]
     torch.manual_seed(11)
-    torch.testing.assert_close(loss, -iwae_bound(model, x, k).mean())
+    w = log_importance_weights(model, x, k).exp()
+    torch.testing.assert_close(loss, -w.mean(0).log().mean())
 
 
 def _params_grad(model):
