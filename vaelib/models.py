@@ -365,7 +365,9 @@ class VampPrior(nn.Module):
         object.__setattr__(self, "encoder", encoder)  # not a submodule: the VAE owns it
         self.latent_dim = encoder.latent_dim
         if init is None:
-            # Tomczak & Welling's initialisation: N(0.05, 0.01^2) per pixel, near-blank images.
+            # Near-blank images with a little noise, N(0.05, 0.01^2) per pixel: distinct but uninformative.
+            # (Tomczak & Welling's code also starts near blank images, or, as an option, at training images:
+            # pass those as ``init``.)
             init = 0.05 + 0.01 * torch.randn(n_pseudo_inputs, encoder.input_dim)
         check_input(init, encoder.input_dim, "init")
         self.pseudo_inputs = nn.Parameter(init.detach().clone())
