@@ -358,8 +358,13 @@ class VampPrior(nn.Module):
     #: rows of z per step of the mixture's log-density, so that the (rows, C, D) intermediate stays small
     MAX_ELEMENTS = 2**22
 
-    def __init__(self, encoder: Encoder, n_pseudo_inputs: int = 500, init: Tensor | None = None) -> None:
+    def __init__(self, encoder: Encoder, n_pseudo_inputs: int | None = None, init: Tensor | None = None) -> None:
+        """``init``: the starting pseudo-inputs, (C, input_dim), e.g. C training images; without it, C =
+        ``n_pseudo_inputs`` (default 500) near-blank images."""
         super().__init__()
+        if init is not None and n_pseudo_inputs not in (None, len(init)):
+            raise ValueError(f"n_pseudo_inputs={n_pseudo_inputs} but init holds {len(init)} pseudo-inputs")
+        n_pseudo_inputs = len(init) if init is not None else (500 if n_pseudo_inputs is None else n_pseudo_inputs)
         if n_pseudo_inputs < 1:
             raise ValueError(f"a VampPrior needs at least one pseudo-input, got {n_pseudo_inputs}")
         object.__setattr__(self, "encoder", encoder)  # not a submodule: the VAE owns it
