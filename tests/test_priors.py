@@ -76,6 +76,20 @@ def test_vamp_log_prob_is_the_mixture_density(monkeypatch, max_elements):
     torch.testing.assert_close(model.prior.log_prob(z), mixture.log_prob(z), rtol=1e-12, atol=1e-12)
 
 
+def test_vamp_log_prob_with_a_full_covariance_encoder_is_the_mixture_density():
+    torch.manual_seed(0)
+    model = build_vae(latent_dim=3, hidden=(16,), prior="vamp", pseudo_inputs=4, posterior="full").double()
+    with torch.no_grad():
+        model.encoder.lower_head.bias.normal_()  # correlated components
+        stats = model.encoder(model.prior.pseudo_inputs)
+    scale_tril = model.encoder.scale_tril(stats)
+    mixture = td.MixtureSameFamily(td.Categorical(logits=torch.zeros(4, dtype=torch.float64)),
+                                   td.MultivariateNormal(stats[0], scale_tril=scale_tril))
+    z = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(model.prior.log_prob(z), mixture.log_prob(z), rtol=1e-12, atol=1e-12)
+    assert model.prior.sample(7, generator=torch.Generator().manual_seed(0)).shape == (7, 3)
+
+
 def test_vamp_log_prob_reaches_pseudo_inputs_and_encoder():
     model = tiny_vamp()
     model.prior.log_prob(torch.randn(8, 3)).sum().backward()

@@ -69,6 +69,46 @@ def iwae_nll(model, x: Tensor, k: int = 5000, batch_size: int | None = None,
     return -iwae_bounds(model, x, k, batch_size, max_elements).mean().item()
 
 
+def refine_posterior(model, x: Tensor, *, steps: int = 500, lr: float = 1e-2, n_samples: int = 8,
+                     kl: str = "analytic", stats: tuple[Tensor, ...] | None = None) -> tuple[Tensor, ...]:
+    """q*(z|x): the q family's stats optimised separately for every example, starting from the encoder's.
+
+    Returns detached stats in the encoder's format (``(mu, log_var)`` for the diagonal Gaussian,
+    ``(mu, log_var, lower)`` for :class:`vaelib.models.FullCovarianceEncoder`), on the model's device, which
+    ``objectives.elbo(..., stats=...)`` and ``objectives.iwae_bound(..., stats=...)`` take in place of
+    ``encoder(x)``. The ELBO of q* minus that of the encoder's q is the amortisation gap (Cremer, Li &
+    Duvenaud 2018); log p(x) minus it is the approximation gap of the family.
+
+    How: Adam (step ``lr``) on the stats, maximising the sum over the batch of the ELBO
+    (:func:`vaelib.objectives.elbo` with ``n_samples`` reparameterised draws per example and ``kl``,
+    "analytic" or "mc"). Each example's ELBO depends only on its own stats, so the sum optimises every example
+    separately, and Adam's per-coordinate steps make the result independent of the batch size. The step
+    decays linearly to 0 over ``steps``: with a constant step the Monte-Carlo noise of the gradient keeps the
+    stats jittering around the optimum, and the decay averages it out. Gradients are taken with
+    ``torch.autograd.grad`` with respect to the stats only, so the model's parameters are neither changed nor
+    given a ``.grad``; it works inside ``torch.no_grad()`` too. Start from given ``stats`` (on the model's
+    device) instead of ``encoder(x)`` to continue a refinement. Batch large ``x`` yourself: the memory is that
+    of one ELBO with ``n_samples`` draws for all of ``x``.
+    """
+    if steps < 0 or lr <= 0 or n_samples < 1:
+        raise ValueError(f"need steps >= 0, lr > 0 and n_samples >= 1, got {steps}, {lr}, {n_samples}")
+    check_input(x, model.input_dim)
+    x = x.to(device=model_device(model), dtype=model_dtype(model))
+    with torch.no_grad():
+        start = model.encoder(x) if stats is None else stats
+    params = [s.detach().clone().requires_grad_(True) for s in start]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(1, steps))
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = -elbo(model, x, kl=kl, n_samples=n_samples, stats=tuple(params)).elbo.sum()
+            for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+                p.grad = g
+            optimizer.step()
+            schedule.step()
+    return tuple(p.detach() for p in params)
+
+
 @torch.no_grad()
 def encode_means(model, x: Tensor, batch_size: int = 1000) -> Tensor:
     """E_q[z|x] = mu(x) for every example, (N, latent_dim) on the CPU."""
@@ -113,4 +153,4 @@ def samples(model, n: int, seed: int | None = 0) -> Tensor:
 
 
 __all__ = ["active_units", "encode_means", "evaluate_elbo", "iwae_bounds", "iwae_nll", "kl_per_dimension",
-           "reconstructions", "samples"]
+           "reconstructions", "refine_posterior", "samples"]

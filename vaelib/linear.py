@@ -69,6 +69,20 @@ class LinearGaussian:
         b = torch.randn(data_dim, generator=generator, dtype=dtype)
         return cls(W, b, sigma)
 
+    @classmethod
+    def from_vae(cls, model, dtype: torch.dtype = torch.float64) -> LinearGaussian:
+        """The generative model of a linear VAE (``build_vae("linear")``) as a LinearGaussian on the CPU.
+
+        W and b are the decoder's (J -> D) linear layer, sigma its Gaussian likelihood's; converted to
+        ``dtype`` (float64 by default, for checks to rounding) and detached, so the result follows later
+        training of ``model`` no more than a copy would.
+        """
+        layer, likelihood = model.decoder.net, model.decoder.likelihood
+        if not isinstance(layer, torch.nn.Linear) or not hasattr(likelihood, "sigma"):
+            raise ValueError("from_vae needs a linear decoder with a Gaussian likelihood (build_vae('linear'))")
+        W, b, sigma = (t.detach().cpu().to(dtype) for t in (layer.weight, layer.bias, likelihood.sigma))
+        return cls(W, b, sigma)
+
     @property
     def data_dim(self) -> int:
         return self.W.shape[0]
@@ -143,6 +157,25 @@ class LinearGaussian:
         mean = torch.cholesky_solve(proj, chol_m.expand(*proj.shape[:-2], -1, -1)).squeeze(-1)
         cov = self.sigma.pow(2) * torch.cholesky_inverse(chol_m)
         return mean, cov
+
+    def posterior_precision(self) -> Tensor:
+        """Lambda = M / sigma^2 = I + W^T W / sigma^2, the (k, k) precision of p(z|x) (the same for every x)."""
+        chol_m = self._posterior_precision_factor()
+        return chol_m @ chol_m.mT / self.sigma.pow(2)
+
+    def best_diagonal(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """q*(z|x), the diagonal Gaussian with the largest ELBO: (mean, log_var), each (..., k).
+
+        Maximising the ELBO over q is minimising KL(q || p(z|x)); for a Gaussian posterior N(m, Lambda^{-1})
+        and q = N(mu, diag s^2) that KL is 1/2 [sum_j Lambda_jj s_j^2 + (m - mu)^T Lambda (m - mu) - sum_j log
+        s_j^2] + const, minimised by mu = m and s_j^2 = 1 / Lambda_jj (the mean-field solution; Bishop 2006,
+        section 10.1.2). The variances are the *conditional* ones, smaller than the marginal Sigma_jj unless
+        the posterior is uncorrelated. Its ELBO is ``elbo(x, *best_diagonal(x))``; the approximation gap of the
+        diagonal family is ``log_marginal(x) - that`` = KL(q* || p(z|x)).
+        """
+        mean, _ = self.posterior(x)
+        log_var = -torch.log(torch.diagonal(self.posterior_precision()))
+        return mean, log_var.expand_as(mean)
 
     def kl_to_posterior(self, x: Tensor, q_mu: Tensor, q_cov: Tensor) -> Tensor:
         """KL(q || p(z|x)) for a Gaussian q = N(q_mu, q_cov), q_cov (..., k, k); the gap log p(x) - ELBO.

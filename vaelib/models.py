@@ -2,7 +2,8 @@
 
 Every component exposes ``log_prob`` and ``sample``:
 
-* :class:`Encoder` — q(z|x) = N(mu(x), diag exp(log_var(x))); ``encoder(x) -> (mu, log_var)``.
+* :class:`Encoder` — q(z|x) = N(mu(x), diag exp(log_var(x))); ``encoder(x) -> (mu, log_var)``;
+  :class:`FullCovarianceEncoder` — q(z|x) = N(mu(x), L(x) L(x)^T); ``encoder(x) -> (mu, log_var, lower)``.
 * :class:`Decoder` — a network z -> per-pixel parameters plus a :class:`Likelihood` p(x|z);
   ``decoder(z) -> params`` (logits for Bernoulli-type likelihoods, the mean for Gaussians).
 * :class:`StandardNormalPrior` — p(z) = N(0, I); :class:`VampPrior` — a mixture of the encoder's posteriors at
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from vaelib.distributions import (
+    LOG_2PI,
     kl_normal_std_normal,
     log_bernoulli,
     log_continuous_bernoulli,
@@ -31,6 +33,7 @@ from vaelib.distributions import (
 )
 
 ARCHS = ("mlp", "conv", "linear", "burda")
+POSTERIORS = ("diagonal", "full")
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "gaussian-pixel", "continuous-bernoulli")
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU,
@@ -179,6 +182,92 @@ class LinearEncoder(Encoder):
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu = self.mean(x)
         return mu, self.log_var.expand_as(mu)
+
+
+class FullCovarianceEncoder(Encoder):
+    """q(z|x) = N(z; mu(x), L(x) L(x)^T), L lower-triangular with a positive diagonal (a Cholesky factor).
+
+    ``encoder(x)`` returns the stats ``(mu, log_var, lower)``:
+
+    * ``mu`` (batch, J), the mean;
+    * ``log_var`` (batch, J), log L_jj^2: the log of the squared diagonal of L, which is the variance of z_j
+      *given* z_1..z_{j-1} (with ``lower`` = 0 it is the diagonal encoder's log-variance, and such stats
+      describe the same q);
+    * ``lower`` (batch, J, J), whose strictly lower triangle is L's below the diagonal (the entries on and
+      above the diagonal are ignored).
+
+    All three are unconstrained real numbers, so a per-example optimiser
+    (:func:`vaelib.evaluation.refine_posterior`) can move them freely and L stays a valid Cholesky factor.
+    Three stats rather than ``(mu, scale_tril)`` also mean that code written for the diagonal family,
+    ``mu, log_var = encoder(x)`` or ``prior.kl(*stats)``, fails loudly instead of misreading L. The KL to
+    N(0, I) is :meth:`kl_to_standard_normal`.
+
+    The network: ``features`` maps x to a (batch, feature_dim) vector; one linear head gives mu and log_var,
+    a second, initialised at zero, the J(J-1)/2 below-diagonal entries, so an untrained encoder starts as
+    the diagonal family and training adds correlations only where they raise the ELBO.
+    """
+
+    def __init__(self, input_dim: int, latent_dim: int, features: nn.Module, feature_dim: int) -> None:
+        super().__init__(input_dim, latent_dim)
+        self.features = features
+        self.head = nn.Linear(feature_dim, 2 * latent_dim)
+        rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_cols", cols, persistent=False)
+        self.lower_head = nn.Linear(feature_dim, len(rows))
+        nn.init.zeros_(self.lower_head.weight)
+        nn.init.zeros_(self.lower_head.bias)
+
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.features(x)
+        mu, log_var = self.head(h).chunk(2, dim=-1)
+        lower = h.new_zeros(len(x), self.latent_dim, self.latent_dim)
+        lower[:, self._rows, self._cols] = self.lower_head(h)
+        return mu, log_var, lower
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """(mu, log_var, lower): (batch, J), (batch, J), (batch, J, J); see the class docstring."""
+        check_input(x, self.input_dim, dtype=model_dtype(self))
+        return self.stats(x)
+
+    @staticmethod
+    def scale_tril(stats: tuple[Tensor, ...]) -> Tensor:
+        """L = diag(exp(log_var / 2)) + strictly-lower(lower): (batch, J, J)."""
+        _, log_var, lower = stats
+        return torch.tril(lower, diagonal=-1) + torch.diag_embed(torch.exp(0.5 * log_var))
+
+    def rsample(self, stats: tuple[Tensor, ...], n: int | None = None) -> Tensor:
+        """z = mu + L eps with eps ~ N(0, I): (batch, J), or (n, batch, J) when ``n`` is given."""
+        mu = stats[0]
+        shape = mu.shape if n is None else (n, *mu.shape)
+        eps = torch.randn(shape, dtype=mu.dtype, device=mu.device)
+        return mu + torch.einsum("bij,...bj->...bi", self.scale_tril(stats), eps)
+
+    def log_prob(self, x: Tensor | None, z: Tensor, *, stats: tuple[Tensor, ...] | None = None) -> Tensor:
+        """log q(z|x) for z (batch, J) or (..., batch, J); pass ``stats`` to skip re-encoding x.
+
+        log N(z; mu, L L^T) = -J/2 log 2 pi - sum_j log L_jj - |L^{-1}(z - mu)|^2 / 2, with one triangular
+        solve that takes every leading sample of z as a column (no inverse, no (n, batch, J, J) copies of L).
+        """
+        stats = self(x) if stats is None else stats
+        mu, log_var = stats[0], stats[1]
+        diff = z - mu  # (..., batch, J)
+        batch, latent = mu.shape
+        columns = diff.reshape(-1, batch, latent).permute(1, 2, 0)  # (batch, J, samples)
+        white = torch.linalg.solve_triangular(self.scale_tril(stats), columns, upper=False)
+        quad = white.pow(2).sum(1).permute(1, 0).reshape(diff.shape[:-1])
+        return -0.5 * (latent * LOG_2PI + log_var.sum(-1) + quad)
+
+    @staticmethod
+    def kl_to_standard_normal(stats: tuple[Tensor, ...]) -> Tensor:
+        """KL(N(mu, L L^T) || N(0, I)) per example, in closed form.
+
+        1/2 [tr(L L^T) + |mu|^2 - J - log det L L^T]; since tr(L L^T) = sum_j L_jj^2 + sum_{i>j} L_ij^2 and
+        log det L L^T = sum_j log L_jj^2, it is the diagonal family's KL at (mu, log_var) plus half the squared
+        norm of the strictly lower triangle.
+        """
+        mu, log_var, lower = stats
+        return kl_normal_std_normal(mu, log_var) + 0.5 * torch.tril(lower, diagonal=-1).pow(2).sum((-2, -1))
 
 
 # ------------------------------------------------------------------------------------------------ likelihoods
@@ -390,7 +479,9 @@ class VampPrior(nn.Module):
         stats = self.encoder(self.pseudo_inputs)
         flat = z.reshape(-1, 1, z.shape[-1])  # (rows, 1, D) against the components' (C, D)
         rows = max(1, self.MAX_ELEMENTS // (self.n_components * z.shape[-1]))
-        parts = [torch.logsumexp(self.encoder.log_prob(None, piece, stats=stats), dim=-1)
+        # Each slice as (rows, C, D): the C components are the "batch" every q family's log_prob scores.
+        parts = [torch.logsumexp(self.encoder.log_prob(None, piece.expand(-1, self.n_components, -1), stats=stats),
+                                 dim=-1)
                  for piece in flat.split(rows)]
         return (torch.cat(parts) - math.log(self.n_components)).reshape(z.shape[:-1])
 
@@ -446,11 +537,20 @@ class VAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Decoder means at the encoder mean of each x."""
-        mu, _ = self.encoder(x)
+        mu = self.encoder(x)[0]  # the mean is the first stat of every q family
         return self.decoder.mean(mu)
 
     def extra_repr(self) -> str:
         return f"config={self.config}" if self.config else ""
+
+
+def _full_covariance_encoder(arch: str, input_dim: int, latent_dim: int, hidden: Sequence[int],
+                             activation: str) -> FullCovarianceEncoder:
+    """The full-covariance q on the hidden layers the arch's diagonal encoder has (x itself for "linear")."""
+    if arch == "linear":
+        return FullCovarianceEncoder(input_dim, latent_dim, nn.Identity(), input_dim)
+    features = mlp([input_dim, *hidden], activation, final_activation=True)
+    return FullCovarianceEncoder(input_dim, latent_dim, features, hidden[-1] if hidden else input_dim)
 
 
 def build_vae(
@@ -464,6 +564,7 @@ def build_vae(
     *,
     mean_activation: str = "identity",
     image_shape: Sequence[int] | None = None,
+    posterior: str = "diagonal",
     prior: str = "standard",
     pseudo_inputs: int = 500,
 ) -> VAE:
@@ -479,6 +580,10 @@ def build_vae(
     likelihood: "bernoulli", "gaussian" (fixed ``sigma``), "gaussian-learned" (one learned sigma, initialised
       at ``sigma``), "gaussian-pixel" (one per pixel), "continuous-bernoulli".
     mean_activation: for Gaussian likelihoods, "identity" (any real data) or "sigmoid" (means in [0, 1]).
+    posterior: the q family: "diagonal" (the arch's encoder, stats ``(mu, log_var)``) or "full"
+      (:class:`FullCovarianceEncoder` on the arch's hidden layers, stats ``(mu, log_var, lower)``; for
+      "linear" its features are x itself, so mean, log-diagonal and correlations are all linear in x;
+      not available for "conv").
     prior: "standard" (N(0, I)) or "vamp" (:class:`VampPrior` with ``pseudo_inputs`` learned pseudo-inputs,
       drawn from the global RNG like the weights). Only a non-standard prior enters ``model.config``, so the
       configs of existing runs stay what they were.
@@ -501,6 +606,10 @@ def build_vae(
         raise ValueError(f"input_dim and latent_dim must be positive, got {input_dim} and {latent_dim}")
     if mean_activation not in ("identity", "sigmoid"):
         raise ValueError(f"mean_activation must be 'identity' or 'sigmoid', got {mean_activation!r}")
+    if posterior not in POSTERIORS:
+        raise ValueError(f"unknown posterior {posterior!r}; choose one of {', '.join(POSTERIORS)}")
+    if posterior == "full" and arch == "conv":
+        raise ValueError("posterior='full' is available for arch 'mlp', 'burda' and 'linear', not 'conv'")
     _activation(activation)
     lik = make_likelihood(likelihood, input_dim, sigma)
     gaussian = isinstance(lik, GaussianLikelihood)
@@ -523,6 +632,9 @@ def build_vae(
         config["image_shape"] = list(image_shape)
         encoder = ConvEncoder(input_dim, latent_dim, image_shape, hidden, activation)
         net = _ConvDecoderNet(latent_dim, image_shape, tuple(reversed(hidden)), activation)
+    if posterior == "full":
+        config["posterior"] = posterior  # only when not the default, so older configs read the same
+        encoder = _full_covariance_encoder(arch, input_dim, latent_dim, hidden, activation)
     if gaussian and mean_activation == "sigmoid":
         net = nn.Sequential(net, nn.Sigmoid())
     decoder = Decoder(net, lik, input_dim, latent_dim)
@@ -533,8 +645,8 @@ def build_vae(
 
 
 __all__ = [
-    "ACTIVATIONS", "ARCHS", "LIKELIHOODS", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "ConvEncoder",
-    "Decoder", "Encoder", "GaussianLikelihood", "Likelihood", "LinearEncoder", "MLPEncoder", "PRIORS",
-    "StandardNormalPrior", "VAE", "VampPrior", "build_vae", "check_input", "make_likelihood", "mlp", "model_device",
-    "model_dtype",
+    "ACTIVATIONS", "ARCHS", "LIKELIHOODS", "POSTERIORS", "PRIORS", "BernoulliLikelihood",
+    "ContinuousBernoulliLikelihood", "ConvEncoder", "Decoder", "Encoder", "FullCovarianceEncoder", "GaussianLikelihood",
+    "Likelihood", "LinearEncoder", "MLPEncoder", "StandardNormalPrior", "VAE", "VampPrior", "build_vae", "check_input",
+    "make_likelihood", "mlp", "model_device", "model_dtype",
 ]
