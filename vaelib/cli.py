@@ -95,7 +95,8 @@ def _widths(text: str) -> tuple[int, ...]:
 # The train options that define a run: resuming with another value is refused. On --resume, these and
 # CHANGEABLE_ON_RESUME take the run's values unless given.
 RUN_OPTIONS = ("dataset", "binarize", "train_size", "test_size", "seed", "batch_size", "lr", "lr_final", "beta",
-               "warmup_epochs", "kl", "arch", "latent", "hidden", "activation", "likelihood", "sigma")
+               "warmup_epochs", "kl", "arch", "latent", "hidden", "activation", "likelihood", "sigma", "prior",
+               "pseudo_inputs", "objective", "k")
 CHANGEABLE_ON_RESUME = ("epochs", "checkpoint_every", "data_root", "fast")  # and --device, --no-progress
 
 
@@ -112,7 +113,8 @@ def _option(dest: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vaelib.models import ACTIVATIONS, ARCHS, LIKELIHOODS
+    from vaelib.models import ACTIVATIONS, ARCHS, LIKELIHOODS, PRIORS
+    from vaelib.objectives import OBJECTIVES
     from vaelib.training import FAST_MODES
 
     parser = _OneLineParser(prog="python -m vaelib", description="Train, evaluate and locate data for VAEs.")
@@ -145,8 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--beta", type=_nonnegative_float, default=1.0, help="KL weight (default: %(default)s)")
     tr.add_argument("--warmup-epochs", type=_nonnegative_int, default=0,
                     help="linear KL warm-up from 0 to beta over this many epochs (default: %(default)s)")
-    tr.add_argument("--kl", choices=("analytic", "mc"), default="analytic",
-                    help="KL estimator (default: %(default)s)")
+    tr.add_argument("--kl", choices=("analytic", "mc"), default=None,
+                    help="KL estimator (default: analytic; mc for --prior vamp, which has no closed form)")
+    tr.add_argument("--prior", choices=PRIORS, default="standard",
+                    help="p(z): standard = N(0, I); vamp = VampPrior, a mixture of the encoder's posteriors at "
+                         "learned pseudo-inputs (Tomczak & Welling 2018) (default: %(default)s)")
+    tr.add_argument("--pseudo-inputs", type=_positive_int, default=None, metavar="C",
+                    help="number of VampPrior pseudo-inputs (only with --prior vamp; default: 500)")
+    tr.add_argument("--objective", choices=OBJECTIVES, default="elbo",
+                    help="training objective: elbo, or iwae = the k-sample importance-weighted bound "
+                         "(Burda et al. 2015) (default: %(default)s)")
+    tr.add_argument("--k", type=_positive_int, default=None, metavar="K",
+                    help="importance samples per example for --objective iwae (required with it)")
     tr.add_argument("--seed", type=_seed, default=0, help="(default: %(default)s)")
     tr.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda > mps > cpu)")
     tr.add_argument("--fast", choices=FAST_MODES, default="auto",
@@ -267,6 +279,20 @@ def _resume_options(args, out: Path) -> dict:
     return ckpt.get("model_config") or {}
 
 
+def _check_train_combinations(args) -> None:
+    """Options that only make sense together: one clear line (exit 2) before any data are read."""
+    if args.pseudo_inputs is not None and args.prior != "vamp":
+        raise CommandLineError("--pseudo-inputs is the VampPrior's number of components; use it with --prior vamp")
+    if args.k is not None and args.objective != "iwae":
+        raise CommandLineError("--k is the IWAE bound's number of samples; use it with --objective iwae")
+    if args.objective == "iwae" and args.k is None:
+        raise CommandLineError("--objective iwae needs --k K, the number of importance samples (e.g. --k 5)")
+    if args.objective == "iwae" and (args.beta != 1 or args.warmup_epochs):
+        raise CommandLineError("--objective iwae has no KL weight: --beta and --warmup-epochs do not apply")
+    if args.prior == "vamp" and args.kl == "analytic":
+        raise CommandLineError("--prior vamp has no closed-form KL; use --kl mc (the default for it)")
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -279,6 +305,7 @@ def cmd_train(args) -> int:
     if args.resume and args.overwrite:
         raise CommandLineError("--resume and --overwrite contradict each other")
     config = _resume_options(args, out) if args.resume else {}
+    _check_train_combinations(args)
     train_x, _, data_path = _load_images(args.dataset, "train", args.data_root, args.binarize, args.seed,
                                          args.train_size)
     test_x = None
@@ -288,8 +315,9 @@ def cmd_train(args) -> int:
     if config:  # resuming: the run's model, whatever the defaults say (the weights come from the checkpoint)
         model = build_vae(**config)
     else:
+        prior = {} if args.prior == "standard" else {"prior": args.prior, "pseudo_inputs": args.pseudo_inputs or 500}
         model = build_vae(args.arch, input_dim=train_x.shape[1], latent_dim=args.latent, hidden=args.hidden,
-                          activation=args.activation, likelihood=args.likelihood, sigma=args.sigma)
+                          activation=args.activation, likelihood=args.likelihood, sigma=args.sigma, **prior)
     options = {d: getattr(args, d) for d in RUN_OPTIONS + CHANGEABLE_ON_RESUME}
     run_info = {"dataset": args.dataset, "data_root": args.data_root, "data_path": str(data_path),
                 "binarize": args.binarize, "train_size": args.train_size, "test_size": args.test_size,
@@ -299,7 +327,8 @@ def cmd_train(args) -> int:
                      lr_final=args.lr_final, beta=args.beta, warmup_epochs=args.warmup_epochs,
                      binarize=args.binarize == "dynamic", device=device, seed=args.seed, out_dir=out,
                      resume=args.resume, overwrite=args.overwrite, fast=args.fast, progress=not args.no_progress,
-                     checkpoint_every=args.checkpoint_every, kl=args.kl, run_info=run_info)
+                     checkpoint_every=args.checkpoint_every, kl=args.kl, objective=args.objective, k=args.k,
+                     run_info=run_info)
     except TrainingInterrupted as stop:
         argv = [a for a in args.argv if a not in ("--resume", "--overwrite")] + ["--resume"]
         where = (f"a resumable checkpoint (epoch {stop.epoch}) is in {stop.checkpoint}"

@@ -83,7 +83,37 @@ def kl_normal_normal(mu_q: Tensor, log_var_q: Tensor, mu_p: Tensor, log_var_p: T
     return 0.5 * (torch.expm1(log_ratio) - log_ratio + (mu_q - mu_p).pow(2) * torch.exp(-log_var_p)).sum(-1)
 
 
+def _cholesky_logdet(chol: Tensor) -> Tensor:
+    """log det(L L^T) = 2 sum log diag L, for Cholesky factors L of shape (..., D, D)."""
+    return 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+
+
+def kl_full_normal(mu_q: Tensor, cov_q: Tensor, mu_p: Tensor, cov_p: Tensor) -> Tensor:
+    """KL(N(mu_q, cov_q) || N(mu_p, cov_p)) between Gaussians with full covariances (..., D, D).
+
+    1/2 [tr(cov_p^{-1} cov_q) + (mu_p - mu_q)^T cov_p^{-1} (mu_p - mu_q) - D + log det cov_p - log det cov_q],
+    with every inverse applied through the Cholesky factor of cov_p (triangular solves, no explicit inverse) and
+    the log-determinants read off the Cholesky diagonals.
+    """
+    chol_p = torch.linalg.cholesky(cov_p)
+    chol_q = torch.linalg.cholesky(cov_q)
+    # tr(cov_p^{-1} cov_q) = ||L_p^{-1} L_q||_F^2
+    solved = torch.linalg.solve_triangular(chol_p, chol_q, upper=False)
+    diff = (mu_p - mu_q).unsqueeze(-1)
+    maha = torch.linalg.solve_triangular(chol_p, diff, upper=False).pow(2).sum((-2, -1))
+    dim = mu_q.shape[-1]
+    return 0.5 * (solved.pow(2).sum((-2, -1)) + maha - dim + _cholesky_logdet(chol_p) - _cholesky_logdet(chol_q))
+
+
+def entropy_full_normal(cov: Tensor) -> Tensor:
+    """Differential entropy of N(mu, cov) in nats: 1/2 [D (1 + log 2 pi) + log det cov], cov (..., D, D)."""
+    dim = cov.shape[-1]
+    return 0.5 * (dim * (1.0 + LOG_2PI) + _cholesky_logdet(torch.linalg.cholesky(cov)))
+
+
 __all__ = [
+    "entropy_full_normal",
+    "kl_full_normal",
     "LOG_2PI",
     "log_standard_normal",
     "log_normal_diag",

@@ -6,7 +6,8 @@ Every component exposes ``log_prob`` and ``sample``:
   :class:`FullCovarianceEncoder` — q(z|x) = N(mu(x), L(x) L(x)^T); ``encoder(x) -> (mu, log_var, lower)``.
 * :class:`Decoder` — a network z -> per-pixel parameters plus a :class:`Likelihood` p(x|z);
   ``decoder(z) -> params`` (logits for Bernoulli-type likelihoods, the mean for Gaussians).
-* :class:`StandardNormalPrior` — p(z) = N(0, I).
+* :class:`StandardNormalPrior` — p(z) = N(0, I); :class:`VampPrior` — a mixture of the encoder's posteriors at
+  learned pseudo-inputs.
 
 Data are flat float tensors of shape (batch, input_dim). Latent samples may carry leading sample
 dimensions, (n, batch, latent_dim), which every ``log_prob`` broadcasts over (the IWAE bound needs it).
@@ -432,6 +433,80 @@ class StandardNormalPrior(nn.Module):
         return kl_normal_std_normal(mu, log_var)
 
 
+class VampPrior(nn.Module):
+    """p_lambda(z) = (1/C) sum_c q_phi(z | v_c): the encoder's posteriors at C learned pseudo-inputs v_c
+    (Tomczak & Welling 2018, "VAE with a VampPrior").
+
+    The pseudo-inputs are this module's one parameter, ``pseudo_inputs`` (C, input_dim). The encoder is the VAE's
+    own and is registered there, not here: it is held as a plain attribute, so that ``state_dict``, ``.to()`` and
+    ``parameters()`` see it once (through the VAE), while a deep copy of the VAE copies the reference with it.
+    The encoder is evaluated afresh at every call, so gradients reach both the pseudo-inputs and the encoder.
+    There is no closed-form KL(q || p) for a mixture prior: the ELBO needs ``kl="mc"``.
+    """
+
+    #: rows of z per step of the mixture's log-density, so that the (rows, C, D) intermediate stays small
+    MAX_ELEMENTS = 2**22
+
+    def __init__(self, encoder: Encoder, n_pseudo_inputs: int | None = None, init: Tensor | None = None) -> None:
+        """``init``: the starting pseudo-inputs, (C, input_dim), e.g. C training images; without it, C =
+        ``n_pseudo_inputs`` (default 500) near-blank images."""
+        super().__init__()
+        if init is not None and n_pseudo_inputs not in (None, len(init)):
+            raise ValueError(f"n_pseudo_inputs={n_pseudo_inputs} but init holds {len(init)} pseudo-inputs")
+        n_pseudo_inputs = len(init) if init is not None else (500 if n_pseudo_inputs is None else n_pseudo_inputs)
+        if n_pseudo_inputs < 1:
+            raise ValueError(f"a VampPrior needs at least one pseudo-input, got {n_pseudo_inputs}")
+        object.__setattr__(self, "encoder", encoder)  # not a submodule: the VAE owns it
+        self.latent_dim = encoder.latent_dim
+        if init is None:
+            # Near-blank images with a little noise, N(0.05, 0.01^2) per pixel: distinct but uninformative.
+            # (Tomczak & Welling's code also starts near blank images, or, as an option, at training images:
+            # pass those as ``init``.)
+            init = 0.05 + 0.01 * torch.randn(n_pseudo_inputs, encoder.input_dim)
+        check_input(init, encoder.input_dim, "init")
+        self.pseudo_inputs = nn.Parameter(init.detach().clone())
+
+    @property
+    def n_components(self) -> int:
+        return len(self.pseudo_inputs)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log p_lambda(z) = logsumexp_c log q(z | v_c) - log C, for z of shape (..., D) -> (...).
+
+        Each z is scored under every component through the encoder's own ``log_prob`` (any q family), in slices
+        of rows so that memory stays bounded when z carries many importance samples.
+        """
+        stats = self.encoder(self.pseudo_inputs)
+        flat = z.reshape(-1, 1, z.shape[-1])  # (rows, 1, D) against the components' (C, D)
+        rows = max(1, self.MAX_ELEMENTS // (self.n_components * z.shape[-1]))
+        # Each slice as (rows, C, D): the C components are the "batch" every q family's log_prob scores.
+        parts = [torch.logsumexp(self.encoder.log_prob(None, piece.expand(-1, self.n_components, -1), stats=stats),
+                                 dim=-1)
+                 for piece in flat.split(rows)]
+        return (torch.cat(parts) - math.log(self.n_components)).reshape(z.shape[:-1])
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n draws: a component c uniformly, then z ~ q(z | v_c). With a ``generator`` the draws depend on it
+        alone (the encoder's sampler runs under a forked global RNG seeded from it)."""
+        stats = self.encoder(self.pseudo_inputs)
+        device = self.pseudo_inputs.device
+        index = torch.randint(self.n_components, (n,), generator=generator, device=device)
+        chosen = tuple(s.index_select(0, index) for s in stats)
+        if generator is None:
+            return self.encoder.rsample(chosen)
+        seed = int(torch.randint(2**62, (), generator=generator, device=device))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return self.encoder.rsample(chosen)
+
+    def extra_repr(self) -> str:
+        return f"pseudo_inputs={self.n_components}"
+
+
+PRIORS = ("standard", "vamp")
+
+
 # -------------------------------------------------------------------------------------------------------- VAE
 class VAE(nn.Module):
     """Encoder + decoder + prior. ``config`` is the plain dict that :func:`build_vae` rebuilds it from."""
@@ -490,6 +565,8 @@ def build_vae(
     mean_activation: str = "identity",
     image_shape: Sequence[int] | None = None,
     posterior: str = "diagonal",
+    prior: str = "standard",
+    pseudo_inputs: int = 500,
 ) -> VAE:
     """Build a VAE from plain arguments (stored in ``model.config``, so ``build_vae(**model.config)`` rebuilds it).
 
@@ -507,7 +584,14 @@ def build_vae(
       (:class:`FullCovarianceEncoder` on the arch's hidden layers, stats ``(mu, log_var, lower)``; for
       "linear" its features are x itself, so mean, log-diagonal and correlations are all linear in x;
       not available for "conv").
+    prior: "standard" (N(0, I)) or "vamp" (:class:`VampPrior` with ``pseudo_inputs`` learned pseudo-inputs,
+      drawn from the global RNG like the weights). Only a non-standard prior enters ``model.config``, so the
+      configs of existing runs stay what they were.
     """
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
+    if isinstance(pseudo_inputs, bool) or not isinstance(pseudo_inputs, int) or pseudo_inputs < 1:
+        raise ValueError(f"pseudo_inputs must be a positive integer, got {pseudo_inputs!r}")
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if isinstance(hidden, int):
@@ -554,12 +638,15 @@ def build_vae(
     if gaussian and mean_activation == "sigmoid":
         net = nn.Sequential(net, nn.Sigmoid())
     decoder = Decoder(net, lik, input_dim, latent_dim)
+    if prior == "vamp":
+        config.update(prior="vamp", pseudo_inputs=int(pseudo_inputs))
+        return VAE(encoder, decoder, VampPrior(encoder, pseudo_inputs), config)
     return VAE(encoder, decoder, StandardNormalPrior(latent_dim), config)
 
 
 __all__ = [
-    "ACTIVATIONS", "ARCHS", "LIKELIHOODS", "POSTERIORS", "BernoulliLikelihood", "ContinuousBernoulliLikelihood",
-    "ConvEncoder", "Decoder", "Encoder", "FullCovarianceEncoder", "GaussianLikelihood", "Likelihood", "LinearEncoder",
-    "MLPEncoder", "StandardNormalPrior",
-    "VAE", "build_vae", "check_input", "make_likelihood", "mlp", "model_device", "model_dtype",
+    "ACTIVATIONS", "ARCHS", "LIKELIHOODS", "POSTERIORS", "PRIORS", "BernoulliLikelihood",
+    "ContinuousBernoulliLikelihood", "ConvEncoder", "Decoder", "Encoder", "FullCovarianceEncoder", "GaussianLikelihood",
+    "Likelihood", "LinearEncoder", "MLPEncoder", "StandardNormalPrior", "VAE", "VampPrior", "build_vae", "check_input",
+    "make_likelihood", "mlp", "model_device", "model_dtype",
 ]

@@ -3,7 +3,8 @@
 All functions return one value per example; reduce with ``.mean()`` (or :meth:`ElboTerms.loss`).
 A model is anything with ``encoder(x) -> stats`` (a tuple of tensors, ``(mu, log_var)`` for the diagonal
 Gaussian), ``encoder.rsample(stats, n)``, ``encoder.log_prob(x, z, stats=stats)``, ``decoder.log_prob(x, z)`` and
-``prior.log_prob(z)`` (plus ``prior.kl(*stats)`` for the analytic KL), e.g. :class:`vaelib.models.VAE`.
+``prior.log_prob(z)`` (plus, for the analytic KL, ``prior.kl(*stats)`` or, with the standard normal prior,
+``encoder.kl_to_standard_normal(stats)``: :func:`analytic_kl`), e.g. :class:`vaelib.models.VAE`.
 Functions that take ``stats`` use them in place of ``encoder(x)``: an optimised per-example q, for instance.
 """
 
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vaelib.models import model_device
+from vaelib.models import StandardNormalPrior, model_device
 
 KL_ESTIMATORS = ("analytic", "mc")
+OBJECTIVES = ("elbo", "iwae")
 
 
 @dataclass
@@ -59,12 +61,39 @@ def elbo(model, x: Tensor, beta: float | Tensor = 1.0, kl: str = "analytic", n_s
     z = model.encoder.rsample(stats, None if n_samples == 1 else n_samples)
     rec = model.decoder.log_prob(x, z)
     if kl == "analytic":
-        kl_value = model.prior.kl(*stats)
+        kl_value = analytic_kl(model, stats)
     else:
         kl_value = model.encoder.log_prob(x, z, stats=stats) - model.prior.log_prob(z)
     if n_samples != 1:
         rec, kl_value = rec.mean(0), kl_value.mean(0) if kl_value.dim() > 1 else kl_value
     return ElboTerms(elbo=rec - kl_value, rec=rec, kl=kl_value, beta=beta)
+
+
+def has_analytic_kl(model) -> bool:
+    """Whether KL(q(z|x) || p(z)) has a closed form here: the prior has one (``prior.kl``), or the encoder's q family
+    has one against the standard normal prior (``encoder.kl_to_standard_normal``)."""
+    standard = isinstance(model.prior, StandardNormalPrior) and hasattr(model.encoder, "kl_to_standard_normal")
+    return standard or hasattr(model.prior, "kl")
+
+
+def default_kl(model) -> str:
+    """The KL estimator to use when none is named: "analytic" where a closed form exists, else "mc"."""
+    return "analytic" if has_analytic_kl(model) else "mc"
+
+
+def analytic_kl(model, stats: tuple[Tensor, ...]) -> Tensor:
+    """KL(q(z|x) || p(z)) per example in closed form: the q family's own formula against N(0, I) where it has one
+    (a full-covariance q), else the prior's, which takes the diagonal Gaussian's (mu, log_var).
+
+    A prior without a closed form (a mixture such as :class:`vaelib.models.VampPrior`) is a ValueError that says
+    to estimate the KL by Monte Carlo instead.
+    """
+    if isinstance(model.prior, StandardNormalPrior) and hasattr(model.encoder, "kl_to_standard_normal"):
+        return model.encoder.kl_to_standard_normal(stats)
+    if not hasattr(model.prior, "kl"):
+        raise ValueError(f"the prior {type(model.prior).__name__} has no closed-form KL(q || p); use kl='mc' (the "
+                         "Monte-Carlo estimate log q(z|x) - log p(z))")
+    return model.prior.kl(*stats)
 
 
 def kl_warmup(epoch: int, warmup_epochs: int, beta: float = 1.0) -> float:
@@ -103,7 +132,11 @@ def iwae_bound(model, x: Tensor, k: int = 50, chunk: int | None = None, max_elem
     :func:`default_max_elements` of the model's device); each
     chunk is reduced with logsumexp and the chunks are combined with a second logsumexp, which is exact:
     logsumexp over all k = logsumexp over chunks of (logsumexp within chunk). k = 1 is the ELBO with a
-    Monte-Carlo KL.
+    Monte-Carlo KL, sample by sample (the same draw gives the same value), which is why
+    ``fit(objective="iwae", k=1)`` and ``fit(kl="mc")`` train alike.
+
+    As a training loss, -L_k has the gradient -sum_i w~_i grad log w_i, with w~_i = w_i / sum_j w_j the
+    self-normalised importance weights (Burda et al. 2015): autograd through the logsumexp gives it.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -118,5 +151,6 @@ def iwae_bound(model, x: Tensor, k: int = 50, chunk: int | None = None, max_elem
     return torch.logsumexp(torch.stack(partial), dim=0) - math.log(k)
 
 
-__all__ = ["ElboTerms", "KL_ESTIMATORS", "default_chunk", "default_max_elements", "elbo", "iwae_bound", "kl_warmup",
-           "log_importance_weights", "to_model"]
+__all__ = ["OBJECTIVES", "ElboTerms", "KL_ESTIMATORS", "analytic_kl", "default_chunk", "default_kl",
+           "default_max_elements", "elbo", "has_analytic_kl", "iwae_bound", "kl_warmup", "log_importance_weights",
+           "to_model"]

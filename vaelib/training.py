@@ -37,7 +37,7 @@ from vaelib.data import dynamic_binarize
 from vaelib.errors import VaelibError
 from vaelib.evaluation import evaluate_elbo
 from vaelib.models import VAE, Likelihood, check_input, model_dtype
-from vaelib.objectives import KL_ESTIMATORS, elbo, kl_warmup
+from vaelib.objectives import KL_ESTIMATORS, OBJECTIVES, default_kl, elbo, has_analytic_kl, iwae_bound, kl_warmup
 from vaelib.runs import CHECKPOINT_FORMAT, RunDirectory, check_resumable, clone_tree, data_fingerprint
 
 FAST_MODES = ("auto", "eager", "graph", "compile", "graph-compile")
@@ -213,8 +213,16 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def _batch_loss(model, xb: Tensor, beta, kl: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, sum of rec, sum of kl) of one batch; loss = mean of -(rec - beta * kl)."""
+def _batch_loss(model, xb: Tensor, beta, kl: str, objective: str = "elbo",
+                k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss of one batch and the two sums the history tallies.
+
+    ELBO: (mean of -(rec - beta * kl), sum of rec, sum of kl). IWAE: (mean of -L_k, sum of L_k, 0): the k-sample
+    bound has no split into a reconstruction and a KL term.
+    """
+    if objective == "iwae":
+        bound = iwae_bound(model, xb, k)
+        return -bound.mean(), bound.sum(), bound.new_zeros(())
     terms = elbo(model, xb, beta=beta, kl=kl)
     return terms.loss(), terms.rec.sum(), terms.kl.sum()
 
@@ -231,11 +239,11 @@ def _compiled_loss() -> tuple[Callable, dict]:
     compiled = torch.compile(fresh, dynamic=False, backend=COMPILE_BACKEND)
     timing: dict = {}
 
-    def loss_fn(*args):
+    def loss_fn(*args, **kwargs):
         if "compile" in timing:
-            return compiled(*args)
+            return compiled(*args, **kwargs)
         t0 = time.perf_counter()
-        out = compiled(*args)
+        out = compiled(*args, **kwargs)
         timing["compile"] = time.perf_counter() - t0
         return out
 
@@ -340,7 +348,9 @@ def fit(
     fast: str | bool = "auto",
     progress: bool = True,
     checkpoint_every: int = 1,
-    kl: str = "analytic",
+    kl: str | None = None,
+    objective: str = "elbo",
+    k: int | None = None,
     optimizer=None,
     resident: bool | None = None,
     eval_batch_size: int = 1000,
@@ -348,12 +358,17 @@ def fit(
     callback=None,
     tf32: bool | None = False,
 ) -> FitResult:
-    """Train ``model`` on ``train_x`` (N, input_dim) by minimising -(rec - beta_t * kl), with Adam.
+    """Train ``model`` on ``train_x`` (N, input_dim) by minimising -(rec - beta_t * kl), or -L_k, with Adam.
 
     epochs: the total number of epochs (when resuming, training continues up to this number).
     lr, lr_final: Adam's step size; with lr_final it decays geometrically from lr (first epoch) to lr_final (last
       epoch), also for an ``optimizer`` factory's optimizer (:func:`lr_at_epoch`).
     beta, warmup_epochs: the KL weight and its linear warm-up (:func:`vaelib.objectives.kl_warmup`).
+    kl: the KL estimator, "analytic" or "mc"; default "analytic" where a closed form exists and "mc" otherwise
+      (a VampPrior: :func:`vaelib.objectives.default_kl`). It also sets the test ELBO of the history.
+    objective: "elbo", or "iwae": the k-sample bound L_k of Burda et al. (2015) (:func:`vaelib.objectives.iwae_bound`)
+      with ``k`` importance samples per example (k = 1 is the ELBO with kl="mc"); beta and warm-up do not apply.
+      Its history rows hold ``train_iwae_bound`` (the mean L_k) in place of train_rec/train_kl.
     binarize: True redraws Bernoulli(x) binary data every epoch (Burda et al. 2015); data must be in [0, 1].
     device: None picks $VAELIB_DEVICE, else cuda > mps > cpu (:func:`vaelib.config.select_device`); a device that
       is not there is an error. train_x and test_x may live on any device.
@@ -392,8 +407,21 @@ def fit(
             raise ValueError(f"{name} must be a positive number, got {value!r}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta!r}")
+    kl = default_kl(model) if kl is None else kl
     if kl not in KL_ESTIMATORS:
         raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
+    if kl == "analytic" and not has_analytic_kl(model):
+        raise ValueError(f"kl='analytic' needs a closed-form KL, which the prior {type(model.prior).__name__} does "
+                         "not have; use kl='mc' (or leave kl unset)")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "iwae":
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"objective='iwae' needs k, the number of importance samples, an integer >= 1; got {k!r}")
+        if beta != 1 or warmup_epochs:
+            raise ValueError("objective='iwae' has no KL weight: beta must be 1 and warmup_epochs 0")
+    elif k is not None:
+        raise ValueError(f"k={k!r} is the IWAE bound's number of samples; pass objective='iwae' with it")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the run directory to resume)")
     if resume and overwrite:
@@ -430,8 +458,9 @@ def fit(
     config = dict(getattr(model, "config", {}) or {})
     # What defines the run: resuming with any of these different is refused (vaelib.runs.check_resumable).
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_final=lr_final, beta=beta,
-                    warmup_epochs=warmup_epochs, binarize=bool(binarize), seed=seed, kl=kl, n_train=n_train,
-                    data=data_fingerprint(train_x), optimizer="adam" if optimizer is None else "custom")
+                    warmup_epochs=warmup_epochs, binarize=bool(binarize), seed=seed, kl=kl, objective=objective,
+                    k=k, n_train=n_train, data=data_fingerprint(train_x),
+                    optimizer="adam" if optimizer is None else "custom")
     # The run directory is locked from here to the end: one writer per run.
     with RunDirectory(out_dir, resume=resume, overwrite=overwrite) as run, _tf32(bool(tf32)):
         history: list[dict] = []
@@ -449,7 +478,11 @@ def fit(
         # data, so that a capture's warm-up trains on real values. (TF32 is set before capture: the captured
         # kernels keep the math mode they were recorded with.)
         binarized = train_data.clone() if binarize else train_data
+        # The objective is fixed for the run: bound into the loss, so that every path (eager, graph, compiled)
+        # runs the same one. IWAE's loss is plain tensor code too, so a CUDA graph can capture it.
+        eager_loss = functools.partial(_batch_loss, objective=objective, k=k)
         loss_fn, compile_timing = _compiled_loss() if mode.endswith("compile") else (_batch_loss, {})
+        loss_fn = functools.partial(loss_fn, objective=objective, k=k)
         step = functools.partial(train_step, model, opt, loss_fn, kl)
         graph = None
         if mode.startswith("graph"):
@@ -458,7 +491,7 @@ def fit(
             graph, opt = _capture(step, model, opt, binarized, batch_size, dev, explicit=fast in GRAPH_MODES,
                                   make_eager_opt=lambda: _make_adam(model, lr, "eager"))
             if graph is None:
-                mode, step = "eager", functools.partial(train_step, model, opt, _batch_loss, kl)
+                mode, step = "eager", functools.partial(train_step, model, opt, eager_loss, kl)
         torch.manual_seed(seed)
         if ckpt is not None:
             _set_rng_state(ckpt["rng"], dev, perm_gen, bin_gen)
@@ -508,8 +541,11 @@ def fit(
                     run.flush()  # the last good epoch, if it was still pending
                     raise _diverged(epoch, bad_step, math.ceil(n_train / batch_size), lr_e, beta_e, run, history)
                 rec_mean, kl_mean = acc_host[0] / n_train, acc_host[1] / n_train
-                row = {"epoch": epoch, "train_loss": -(rec_mean - beta_e * kl_mean), "train_rec": rec_mean,
-                       "train_kl": kl_mean}
+                if objective == "iwae":  # the tally's first sum is L_k's
+                    row = {"epoch": epoch, "train_loss": -rec_mean, "train_iwae_bound": rec_mean}
+                else:
+                    row = {"epoch": epoch, "train_loss": -(rec_mean - beta_e * kl_mean), "train_rec": rec_mean,
+                           "train_kl": kl_mean}
                 if test_x is not None:
                     model.eval()
                     ev = evaluate_elbo(model, test_x, batch_size=eval_batch_size, kl=kl)
@@ -517,7 +553,9 @@ def fit(
                 row.update(beta=beta_e, lr=lr_e, seconds=seconds[-1])
                 history.append(row)
                 if bar is not None:
-                    post = {"loss": f"{row['train_loss']:.2f}", "kl": f"{kl_mean:.2f}"}
+                    post = {"loss": f"{row['train_loss']:.2f}"}
+                    if "train_kl" in row:
+                        post["kl"] = f"{kl_mean:.2f}"
                     if "test_elbo" in row:
                         post["test_elbo"] = f"{row['test_elbo']:.2f}"
                     bar.set_postfix(post)
