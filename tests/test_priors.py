@@ -350,3 +350,17 @@ def test_train_vamp_iwae_round_trip_and_resume_refusal(tmp_path, capsys):
     assert err.count("\n") == 1 and "--k 4" in err
     assert main(["train", *TINY, "--epochs", "2", "--out", str(out), "--resume"]) == 0
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
+
+
+def test_eval_scores_vamp_and_full_covariance_runs(tmp_path, capsys):
+    """`vaelib eval` on a VampPrior run and on a full-covariance run: the ELBO with the model's own KL estimator
+    (Monte Carlo for the VampPrior), no per-dimension KL where the KL does not split per dimension."""
+    for name, extra in (("vamp", ["--prior", "vamp", "--pseudo-inputs", "8"]), ("full", ["--posterior", "full"])):
+        out = tmp_path / name
+        assert main(["train", *TINY, "--epochs", "1", *extra, "--out", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["eval", str(out), "--iwae-k", "0"]) == 0, capsys.readouterr().err
+        results = json.loads((out / "eval.json").read_text())
+        assert results["kl_per_dimension"] is None
+        assert results["test_kl"] > 0 and results["test_elbo"] < 0
+

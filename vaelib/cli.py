@@ -95,8 +95,8 @@ def _widths(text: str) -> tuple[int, ...]:
 # The train options that define a run: resuming with another value is refused. On --resume, these and
 # CHANGEABLE_ON_RESUME take the run's values unless given.
 RUN_OPTIONS = ("dataset", "binarize", "train_size", "test_size", "seed", "batch_size", "lr", "lr_final", "beta",
-               "warmup_epochs", "kl", "arch", "latent", "hidden", "activation", "likelihood", "sigma", "prior",
-               "pseudo_inputs", "objective", "k")
+               "warmup_epochs", "kl", "arch", "latent", "hidden", "activation", "likelihood", "sigma", "posterior",
+               "prior", "pseudo_inputs", "objective", "k")
 CHANGEABLE_ON_RESUME = ("epochs", "checkpoint_every", "data_root", "fast")  # and --device, --no-progress
 
 
@@ -113,7 +113,7 @@ def _option(dest: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vaelib.models import ACTIVATIONS, ARCHS, LIKELIHOODS, PRIORS
+    from vaelib.models import ACTIVATIONS, ARCHS, LIKELIHOODS, POSTERIORS, PRIORS
     from vaelib.objectives import OBJECTIVES
     from vaelib.training import FAST_MODES
 
@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="linear KL warm-up from 0 to beta over this many epochs (default: %(default)s)")
     tr.add_argument("--kl", choices=("analytic", "mc"), default=None,
                     help="KL estimator (default: analytic; mc for --prior vamp, which has no closed form)")
+    tr.add_argument("--posterior", choices=POSTERIORS, default="diagonal",
+                    help="q(z|x): diagonal Gaussian, or full = full covariance through a Cholesky factor "
+                         "(mlp, burda and linear archs) (default: %(default)s)")
     tr.add_argument("--prior", choices=PRIORS, default="standard",
                     help="p(z): standard = N(0, I); vamp = VampPrior, a mixture of the encoder's posteriors at "
                          "learned pseudo-inputs (Tomczak & Welling 2018) (default: %(default)s)")
@@ -317,7 +320,8 @@ def cmd_train(args) -> int:
     else:
         prior = {} if args.prior == "standard" else {"prior": args.prior, "pseudo_inputs": args.pseudo_inputs or 500}
         model = build_vae(args.arch, input_dim=train_x.shape[1], latent_dim=args.latent, hidden=args.hidden,
-                          activation=args.activation, likelihood=args.likelihood, sigma=args.sigma, **prior)
+                          activation=args.activation, likelihood=args.likelihood, sigma=args.sigma,
+                          posterior=args.posterior, **prior)
     options = {d: getattr(args, d) for d in RUN_OPTIONS + CHANGEABLE_ON_RESUME}
     run_info = {"dataset": args.dataset, "data_root": args.data_root, "data_path": str(data_path),
                 "binarize": args.binarize, "train_size": args.train_size, "test_size": args.test_size,
@@ -348,7 +352,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from vaelib.ais import ais_log_likelihood
-    from vaelib.evaluation import active_units, evaluate_elbo, iwae_nll, kl_per_dimension
+    from vaelib.evaluation import active_units, evaluate_elbo, has_kl_per_dimension, iwae_nll, kl_per_dimension
     from vaelib.runs import EVAL_JSON, RunLock, RunNotFoundError, load_run, write_json
 
     run_dir = Path(args.run_dir)
@@ -372,7 +376,8 @@ def cmd_eval(args) -> int:
         results["active_units"] = count
         results["latent_dim"] = model.latent_dim
         results["au_variances"] = [round(v, 6) for v in variances.tolist()]
-        results["kl_per_dimension"] = [round(v, 6) for v in kl_per_dimension(model, test_x).tolist()]
+        results["kl_per_dimension"] = ([round(v, 6) for v in kl_per_dimension(model, test_x).tolist()]
+                                       if has_kl_per_dimension(model) else None)
         if args.iwae_k > 0:
             n = min(len(test_x), args.iwae_images or len(test_x))
             results["iwae_k"], results["iwae_images"] = args.iwae_k, n

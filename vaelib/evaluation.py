@@ -10,7 +10,7 @@ from torch import Tensor
 
 from vaelib.errors import InvalidInputError
 from vaelib.models import check_input, model_device, model_dtype
-from vaelib.objectives import default_chunk, default_max_elements, elbo, iwae_bound
+from vaelib.objectives import default_chunk, default_kl, default_max_elements, elbo, iwae_bound
 
 
 def _batches(model, x: Tensor, batch_size: int):
@@ -32,8 +32,12 @@ def _batches(model, x: Tensor, batch_size: int):
 
 
 @torch.no_grad()
-def evaluate_elbo(model, x: Tensor, batch_size: int = 1000, kl: str = "analytic") -> dict[str, float]:
-    """Mean ELBO, reconstruction term and KL over ``x`` (one reparameterised sample per example)."""
+def evaluate_elbo(model, x: Tensor, batch_size: int = 1000, kl: str | None = None) -> dict[str, float]:
+    """Mean ELBO, reconstruction term and KL over ``x`` (one reparameterised sample per example).
+
+    kl: "analytic", "mc", or None for the model's own choice (:func:`vaelib.objectives.default_kl`: the closed
+    form where there is one, Monte Carlo for a prior without one, such as the VampPrior)."""
+    kl = default_kl(model) if kl is None else kl
     sums = torch.zeros(3, dtype=torch.float64, device=model_device(model))
     for xb in _batches(model, x, batch_size):
         t = elbo(model, xb, kl=kl)
@@ -127,8 +131,17 @@ def active_units(model, x: Tensor, threshold: float = 0.01, batch_size: int = 10
 
 
 @torch.no_grad()
+def has_kl_per_dimension(model) -> bool:
+    """Whether the KL splits into one closed-form term per latent dimension: a diagonal q and a prior with a
+    factorised closed form. Not for a full-covariance q (its KL has cross terms) or a VampPrior (no closed form)."""
+    return hasattr(model.prior, "kl") and not hasattr(model.encoder, "kl_to_standard_normal")
+
+
 def kl_per_dimension(model, x: Tensor, batch_size: int = 1000) -> Tensor:
     """Mean over x of KL(q(z_j|x) || p(z_j)) for each latent dimension j: (latent_dim,), sums to the mean KL."""
+    if not has_kl_per_dimension(model):
+        raise ValueError("the KL does not split per latent dimension for this model: it needs a diagonal q and a "
+                         "prior with a closed-form KL (see has_kl_per_dimension)")
     total = torch.zeros(model.latent_dim, dtype=torch.float64)
     for xb in _batches(model, x, batch_size):
         mu, log_var = model.encoder(xb)
@@ -152,5 +165,6 @@ def samples(model, n: int, seed: int | None = 0) -> Tensor:
     return model.sample(n, generator=gen).cpu()
 
 
-__all__ = ["active_units", "encode_means", "evaluate_elbo", "iwae_bounds", "iwae_nll", "kl_per_dimension",
+__all__ = ["active_units", "encode_means", "evaluate_elbo", "has_kl_per_dimension", "iwae_bounds", "iwae_nll",
+           "kl_per_dimension",
            "reconstructions", "refine_posterior", "samples"]
