@@ -88,3 +88,10 @@ def test_evaluation_rejects_bad_input(setup):
         evaluate_elbo(model, torch.rand(3, 28, 28))
     with pytest.raises(TypeError):
         iwae_nll(model, torch.zeros(3, 784, dtype=torch.uint8), k=2)
+
+
+def test_per_dimension_results_carry_no_graph(setup):
+    """Chapters hand these straight to NumPy and matplotlib: no autograd graph may hang on them."""
+    model, x = setup
+    assert not kl_per_dimension(model, x).requires_grad
+    assert not active_units(model, x)[1].requires_grad

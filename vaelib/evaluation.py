@@ -130,13 +130,13 @@ def active_units(model, x: Tensor, threshold: float = 0.01, batch_size: int = 10
     return int((variances > threshold).sum()), variances
 
 
-@torch.no_grad()
 def has_kl_per_dimension(model) -> bool:
     """Whether the KL splits into one closed-form term per latent dimension: a diagonal q and a prior with a
     factorised closed form. Not for a full-covariance q (its KL has cross terms) or a VampPrior (no closed form)."""
     return hasattr(model.prior, "kl") and not hasattr(model.encoder, "kl_to_standard_normal")
 
 
+@torch.no_grad()
 def kl_per_dimension(model, x: Tensor, batch_size: int = 1000) -> Tensor:
     """Mean over x of KL(q(z_j|x) || p(z_j)) for each latent dimension j: (latent_dim,), sums to the mean KL."""
     if not has_kl_per_dimension(model):
