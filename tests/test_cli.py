@@ -6,16 +6,10 @@ import sys
 
 import pytest
 import torch
+from helpers import needs_data
 
 from vaelib.cli import main
-from vaelib.data import DataNotFoundError, find_dataset
-
-try:
-    find_dataset("fashion-mnist")
-    HAVE_DATA = True
-except DataNotFoundError:
-    HAVE_DATA = False
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not installed")
+from vaelib.data import find_dataset
 
 TINY = ["--dataset", "fashion-mnist", "--latent", "2", "--hidden", "16", "--train-size", "256", "--test-size", "64",
         "--batch-size", "64", "--no-progress", "--device", "cpu"]

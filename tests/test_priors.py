@@ -6,17 +6,15 @@ Monte-Carlo KL (IWAE with k = 1), the self-normalised importance-weighted gradie
 gradient).
 """
 
-import contextlib
 import json
 
 import pytest
 import torch
+from helpers import GraphLogicOnCPU, needs_data
 from torch import distributions as td
 
 import vaelib.training as training
 from vaelib.cli import main
-from vaelib.cuda_graph import GraphStepper
-from vaelib.data import DataNotFoundError, find_dataset
 from vaelib.distributions import entropy_full_normal, kl_full_normal
 from vaelib.models import StandardNormalPrior, VampPrior, build_vae
 from vaelib.objectives import default_kl, elbo, log_importance_weights
@@ -265,27 +263,6 @@ def test_iwae_run_records_its_objective_and_refuses_another_on_resume(tmp_path, 
     assert [row["epoch"] for row in result.history] == [1, 2]
 
 
-class GraphLogicOnCPU(GraphStepper):
-    """The CUDA-graph stepper with its CUDA calls replaced (as in tests/test_training.py): "replay" runs the
-    recorded body again."""
-
-    def _on_device(self):
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _side_stream(self):
-        yield
-
-    def _record(self):
-        def replay():
-            self.opt.zero_grad(set_to_none=True)
-            self._body()
-        return replay
-
-    def _synchronize(self):
-        pass
-
-
 def test_graph_path_trains_iwae_with_a_vamp_prior_like_eager(monkeypatch, data):
     """The IWAE loss and the VampPrior are plain tensor code, so the graph path runs them (no fallback): its
     step logic, checked on the CPU with the CUDA calls stubbed, gives eager's parameters."""
@@ -301,13 +278,6 @@ def test_graph_path_trains_iwae_with_a_vamp_prior_like_eager(monkeypatch, data):
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------
-try:
-    find_dataset("fashion-mnist")
-    HAVE_DATA = True
-except DataNotFoundError:
-    HAVE_DATA = False
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not installed")
-
 TINY = ["--dataset", "fashion-mnist", "--latent", "2", "--hidden", "16", "--train-size", "128", "--test-size", "32",
         "--batch-size", "64", "--no-progress", "--device", "cpu"]
 

@@ -1,12 +1,12 @@
 """fit: learning, history, checkpoints, bit-for-bit resume, NaN detection, interrupts, bad inputs, CUDA graphs."""
 
-import contextlib
 import functools
 import json
 import warnings
 
 import pytest
 import torch
+from helpers import GraphLogicOnCPU
 from torch import nn
 
 import vaelib.training as training
@@ -267,27 +267,6 @@ def test_resume_refuses_other_settings(tmp_path, data):
 
 
 # ------------------------------------------------------------------------------------------------ the graph path
-class GraphLogicOnCPU(GraphStepper):
-    """The CUDA-graph stepper with the CUDA calls replaced: "replay" runs the recorded body again (grads set to
-    None first, as a replay's backward writes them afresh), streams and devices are no-ops."""
-
-    def _on_device(self):
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _side_stream(self):
-        yield
-
-    def _record(self):
-        def replay():
-            self.opt.zero_grad(set_to_none=True)
-            self._body()
-        return replay
-
-    def _synchronize(self):
-        pass
-
-
 class FailingCapture(GraphLogicOnCPU):
     """Warm-up runs (and changes the model), then the recording fails."""
 

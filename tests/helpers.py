@@ -1,0 +1,36 @@
+"""Test helpers shared by several test files (pytest puts tests/ on sys.path: ``from helpers import ...``)."""
+
+import contextlib
+
+import pytest
+
+from vaelib.cuda_graph import GraphStepper
+from vaelib.data import DataNotFoundError, find_dataset
+
+try:
+    find_dataset("fashion-mnist")
+    HAVE_DATA = True
+except DataNotFoundError:
+    HAVE_DATA = False
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST is not installed")
+
+
+class GraphLogicOnCPU(GraphStepper):
+    """The CUDA-graph stepper with the CUDA calls replaced: "replay" runs the recorded body again (grads set to
+    None first, as a replay's backward writes them afresh), streams and devices are no-ops."""
+
+    def _on_device(self):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        yield
+
+    def _record(self):
+        def replay():
+            self.opt.zero_grad(set_to_none=True)
+            self._body()
+        return replay
+
+    def _synchronize(self):
+        pass
