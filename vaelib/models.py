@@ -225,11 +225,6 @@ class FullCovarianceEncoder(Encoder):
         lower[:, self._rows, self._cols] = self.lower_head(h)
         return mu, log_var, lower
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        """(mu, log_var, lower): (batch, J), (batch, J), (batch, J, J); see the class docstring."""
-        check_input(x, self.input_dim, dtype=model_dtype(self))
-        return self.stats(x)
-
     @staticmethod
     def scale_tril(stats: tuple[Tensor, ...]) -> Tensor:
         """L = diag(exp(log_var / 2)) + strictly-lower(lower): (batch, J, J)."""

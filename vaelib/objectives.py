@@ -69,11 +69,15 @@ def elbo(model, x: Tensor, beta: float | Tensor = 1.0, kl: str = "analytic", n_s
     return ElboTerms(elbo=rec - kl_value, rec=rec, kl=kl_value, beta=beta)
 
 
+def _encoder_kl_applies(model) -> bool:
+    """Whether the q family's own closed form against N(0, I) (``encoder.kl_to_standard_normal``) is the KL here."""
+    return isinstance(model.prior, StandardNormalPrior) and hasattr(model.encoder, "kl_to_standard_normal")
+
+
 def has_analytic_kl(model) -> bool:
     """Whether KL(q(z|x) || p(z)) has a closed form here: the prior has one (``prior.kl``), or the encoder's q family
     has one against the standard normal prior (``encoder.kl_to_standard_normal``)."""
-    standard = isinstance(model.prior, StandardNormalPrior) and hasattr(model.encoder, "kl_to_standard_normal")
-    return standard or hasattr(model.prior, "kl")
+    return _encoder_kl_applies(model) or hasattr(model.prior, "kl")
 
 
 def default_kl(model) -> str:
@@ -88,7 +92,7 @@ def analytic_kl(model, stats: tuple[Tensor, ...]) -> Tensor:
     A prior without a closed form (a mixture such as :class:`vaelib.models.VampPrior`) is a ValueError that says
     to estimate the KL by Monte Carlo instead.
     """
-    if isinstance(model.prior, StandardNormalPrior) and hasattr(model.encoder, "kl_to_standard_normal"):
+    if _encoder_kl_applies(model):
         return model.encoder.kl_to_standard_normal(stats)
     if not hasattr(model.prior, "kl"):
         raise ValueError(f"the prior {type(model.prior).__name__} has no closed-form KL(q || p); use kl='mc' (the "
