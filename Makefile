@@ -18,7 +18,7 @@ QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 # Tests, notebooks and the book import this checkout's vaelib, whichever checkout the venv was installed from.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
-.PHONY: book test notebooks data venv lint pairs unit nbval book-strict browser benchmark scrub clean
+.PHONY: book test notebooks exercises data venv lint pairs unit nbval book-strict browser benchmark scrub clean
 
 # MathJax is served from the site (no CDN): the official npm package's browser bundles, fetched once.
 MATHJAX_VERSION := 3.2.2
@@ -77,6 +77,14 @@ notebooks: venv data
 	for nb in $(NB); do \
 	  $(BIN)/jupytext --sync notebooks/$$nb.md; \
 	  env -u VAELIB_QUICK $(BIN)/jupyter execute --inplace --timeout=3600 book/chapters/$$nb.ipynb; \
+	done
+
+## exercises: sync each .md into its .ipynb, then execute only its exercises (the setup and device cells, then
+## the "## Exercises" section) in a fresh kernel in FULL mode, storing their outputs. NB=stem for one.
+exercises: venv data
+	for nb in $(NB); do \
+	  $(BIN)/jupytext --sync notebooks/$$nb.md; \
+	  env -u VAELIB_QUICK $(PY) scripts/execute-exercises.py $$nb; \
 	done
 
 ## benchmark: training-speed benchmark on this machine; writes benchmarks/results/<device>-<host>-<time>.json
