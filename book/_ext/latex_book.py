@@ -17,7 +17,7 @@ Two things about LaTeX's layout:
 
 * Tables. Sphinx sets a Markdown table's columns to their natural width (``l``), so a table with long cells (the
   intro's notation table) runs off the page. A table too wide for the line gets columns that wrap instead, each
-  as wide as its average cell (what ``:widths:`` would give it).
+  as wide as its average cell and no narrower than its longest word (as ``:widths:`` would set them).
 * The class. sphinx-jupyterbook-latex's ``jupyterBook`` class loads the package ``bbm`` for shortcuts the book
   never uses (``\\RR``...), and ``bbm`` is only in Debian's texlive-fonts-extra (500 MB to download). A stand-in
   (``\\mathbbm`` as ``\\mathbb``) is written next to the .tex instead.
@@ -113,11 +113,16 @@ LINE_CHARACTERS = 100
 
 def wrapping_widths(cells_by_column: list[list[str]]) -> list[int] | None:
     """Relative widths for columns that wrap, or None when the table's natural width fits the line: each column
-    as wide as its average cell (at least 4 characters, at most 60)."""
+    as wide as its average cell, but no narrower than its longest word (4 to 60 characters)."""
     longest = [max((len(c) for c in column), default=0) for column in cells_by_column]
     if sum(longest) <= LINE_CHARACTERS:
         return None
-    return [min(60, max(4, round(sum(map(len, column)) / max(1, len(column))))) for column in cells_by_column]
+    widths = []
+    for column in cells_by_column:
+        average = sum(map(len, column)) / max(1, len(column))
+        word = max((len(w) for cell in column for w in cell.split()), default=0)
+        widths.append(min(60, max(4, word, round(average))))
+    return widths
 
 
 class WrappingTables(SphinxPostTransform):
