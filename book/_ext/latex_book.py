@@ -76,6 +76,9 @@ def _greek(name: str) -> str | None:
         return None
 
 
+# Commands that only choose a font or a delimiter size: dropped from the plain form.
+_FORMATTING = {"mathcal", "mathrm", "mathbb", "mathbf", "operatorname", "text", "left", "right", "middle", "big",
+               "Big", "bigl", "bigr", "quad", "qquad"}
 _WORDS = {"mid": "|", "cdot": "·", "times": "×", "log": "log", "le": "≤", "ge": "≥", "infty": "∞", "sim": "~"}
 
 
@@ -85,6 +88,8 @@ def plain_text_of_math(tex: str) -> str:
 
     def command(match: re.Match) -> str:
         name = match.group(1)
+        if name in _FORMATTING:
+            return ""
         return _greek(name) or _WORDS.get(name, name)
 
     text = re.sub(r"\\([A-Za-z]+)", command, tex)
@@ -120,7 +125,8 @@ def wrapping_widths(cells_by_column: list[list[str]]) -> list[int] | None:
     widths = []
     for column in cells_by_column:
         average = sum(map(len, column)) / max(1, len(column))
-        word = max((len(w) for cell in column for w in cell.split()), default=0)
+        # The longest word, plus room for the cell's padding.
+        word = max((len(w) for cell in column for w in cell.split()), default=0) + 2
         widths.append(min(60, max(4, word, round(average))))
     return widths
 
@@ -145,13 +151,22 @@ class WrappingTables(SphinxPostTransform):
             columns = [[] for _ in colspecs]
             for row in rows:
                 for i, entry in enumerate(row.children[: len(colspecs)]):
-                    columns[i].append(_collapse(entry.astext()))
+                    columns[i].append(_typeset_text(entry))
             widths = wrapping_widths(columns)
             if widths is None:
                 continue
             for colspec, width in zip(colspecs, widths, strict=True):
                 colspec["colwidth"] = width
             table["classes"].append("colwidths-given")
+
+
+def _typeset_text(entry: nodes.Element) -> str:
+    """A cell's text about as long as it is typeset: a formula counts as its plain form without spaces, one word
+    (a formula does not break across lines; ``\\mathcal{N}(\\mu, 1)`` as ``N(μ,1)``), not as its TeX source."""
+    entry = entry.deepcopy()
+    for math in list(entry.findall(nodes.math)):
+        math.replace_self(nodes.Text(plain_text_of_math(math.astext()).replace(" ", "")))
+    return _collapse(entry.astext())
 
 
 def _collapse(text: str) -> str:
