@@ -161,11 +161,13 @@ class WrappingTables(SphinxPostTransform):
 
 
 def _typeset_text(entry: nodes.Element) -> str:
-    """A cell's text about as long as it is typeset: a formula counts as its plain form without spaces, one word
-    (a formula does not break across lines; ``\\mathcal{N}(\\mu, 1)`` as ``N(μ,1)``), not as its TeX source."""
+    """A cell's text about as long as it is typeset. A formula counts as one word (it does not break across lines)
+    half again as long as its plain form (italic letters and the space around operators are wider than text):
+    ``\\mathcal{N}(\\mu, 1)`` as ``N(μ,1)___``, not as its TeX source."""
     entry = entry.deepcopy()
     for math in list(entry.findall(nodes.math)):
-        math.replace_self(nodes.Text(plain_text_of_math(math.astext()).replace(" ", "")))
+        formula = plain_text_of_math(math.astext()).replace(" ", "")
+        math.replace_self(nodes.Text(formula + "_" * (len(formula) // 2)))
     return _collapse(entry.astext())
 
 
