@@ -18,7 +18,7 @@ QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 # Tests, notebooks and the book import this checkout's vaelib, whichever checkout the venv was installed from.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
-.PHONY: book test notebooks exercises data venv lint pairs unit nbval book-strict browser benchmark scrub clean
+.PHONY: book test pdf notebooks exercises data venv lint pairs unit nbval book-strict browser benchmark scrub clean
 
 # MathJax is served from the site (no CDN): the official npm package's browser bundles, fetched once.
 MATHJAX_VERSION := 3.2.2
@@ -57,7 +57,8 @@ pairs: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_chapters.py
 
 unit: venv
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_chapters.py --ignore=tests/browser
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_chapters.py --ignore=tests/browser \
+	  --ignore=tests/test_pdf.py
 
 nbval: venv
 	VAELIB_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
@@ -71,6 +72,17 @@ book-strict: venv $(MATHJAX)
 browser: venv
 	bash scripts/ensure-browser.sh
 	@if [ -x "$${VAELIB_CHROMIUM:-/usr/bin/chromium}" ]; then $(PY) -m pytest -q -p no:cacheprovider tests/browser; fi
+
+## pdf: the whole book as a PDF with jupyter-book's LaTeX builder (XeLaTeX; as root, scripts/ensure-tex.sh installs
+## Debian's TeX Live), into book/_build/latex/book.pdf and the site (book/_build/html/vae-book.pdf, linked from the
+## intro), then its check (tests/test_pdf.py). Not part of `make test`: CI runs it as its own job.
+PDF_NAME := vae-book.pdf
+pdf: venv
+	bash scripts/ensure-tex.sh
+	rm -rf book/_build/latex
+	$(BIN)/jupyter-book build book --builder pdflatex -W -n --keep-going
+	install -D -m 644 book/_build/latex/book.pdf book/_build/html/$(PDF_NAME)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_pdf.py
 
 ## notebooks: sync each .md into its .ipynb and re-execute in FULL mode (regenerates stored outputs). NB=stem for one.
 notebooks: venv data
