@@ -721,3 +721,163 @@ def test_evaluation_refuses_nan_and_empty_input(bad):
     for evaluate in (evaluate_elbo, lambda m, v: iwae_nll(m, v, k=4)):
         with pytest.raises(InvalidInputError, match="NaN" if bad == "nan" else "empty"):
             evaluate(model, x)
+
+
+# ------------------------------------------------------------------------------------------- issue 19's probes
+def strict_json(path: Path):
+    """``path`` read as strict JSON (NaN and Infinity, which json.dumps writes by default, are refused)."""
+    def refuse(word):
+        raise AssertionError(f"{path} holds {word}: not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def all_finite(state: dict) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def test_divergence_in_an_epochs_last_step_is_not_saved_and_a_smaller_lr_resumes(fake_mnist, tmp_path, capsys):
+    """lr 1e30, one step per epoch: every step's loss is finite (it is computed before the update), but the update
+    leaves weights of ~1e30 whose test ELBO is NaN. That epoch diverged: nothing of it may be saved."""
+    import torch
+
+    out = tmp_path / "run"
+    argv = train_argv(fake_mnist, out, "--lr", "1e30", "--batch-size", str(N_TRAIN), "--checkpoint-every", "1")
+    assert main(argv) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "diverged" in line and "epoch 1" in line and "end of epoch 0" in line and "--resume --lr" in line, line
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and all_finite(ckpt["model_state"])
+    assert not (out / "history.json").exists()
+    # What a user tries first: the same run, a smaller step. Allowed, and said so in --help.
+    assert main([*resume_argv(out), "--lr", "1e-3", "--epochs", "2"]) == 0
+    history = strict_json(out / "history.json")
+    assert [row["lr"] for row in history] == [1e-3, 1e-3]
+    assert strict_json(out / "run.json")["settings"]["lr"] == 1e-3
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--lr may be lowered" in " ".join(capsys.readouterr().out.split())
+    assert main([*resume_argv(out), "--lr", "1e-2", "--epochs", "3"]) == 2  # raising it is still refused
+    assert "--lr 0.01 is not the run's 0.001" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("where", ["the parameters", "the optimizer's moments"])
+def test_non_finite_parameters_after_an_epoch_are_its_divergence(where, tmp_path, monkeypatch):
+    """Without a test set, the parameters and Adam's moments are what an epoch's last update left."""
+    import torch
+
+    from vaelib import training
+    from vaelib.models import build_vae
+    from vaelib.training import TrainingDivergedError, fit
+
+    real, calls = training.train_epoch, []
+
+    def inf_weight_in_epoch_3(step, opt, *args, **kwargs):
+        calls.append(1)
+        acc, bad = real(step, opt, *args, **kwargs)  # every loss finite
+        if len(calls) == 3:  # as an overflowing update would
+            weight = opt.param_groups[0]["params"][0]
+            with torch.no_grad():
+                (weight if where == "the parameters" else opt.state[weight]["exp_avg_sq"])[0, 0] = float("inf")
+        return acc, bad
+
+    monkeypatch.setattr(training, "train_epoch", inf_weight_in_epoch_3)
+    torch.manual_seed(0)
+    with pytest.raises(TrainingDivergedError, match=f"epoch 3 left {where} NaN or infinite.*end of epoch 2"):
+        fit(build_vae(latent_dim=2, hidden=(8,)), torch.rand(64, 784), epochs=4, batch_size=32, out_dir=tmp_path,
+            progress=False, device="cpu")
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and all_finite(ckpt["model_state"])
+    assert [row["epoch"] for row in strict_json(tmp_path / "history.json")] == [1, 2]
+
+
+@pytest.mark.parametrize("weights", ["huge", "nan"])
+def test_eval_refuses_nan_as_a_result(weights, fake_mnist, tmp_path, capsys):
+    """A model whose weights are ~1e30 (what older versions saved after a divergence) or NaN."""
+    import torch
+
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["model_state"] = {k: v * 1e30 if weights == "huge" else v * float("nan") for k, v in
+                           ckpt["model_state"].items()}
+    torch.save(ckpt, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert ("NaN or infinite test_elbo" if weights == "huge" else "model_state") in line, line
+    assert not (out / "eval.json").exists()
+
+
+def test_strict_json_is_written(tmp_path):
+    from vaelib.runs import write_json
+
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "x.json", {"test_elbo": float("nan")})
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_out_of_memory_building_the_model_names_the_option(fake_mnist, tmp_path, capsys):
+    # 400 x 1e11 weights: the allocator refuses at once (no memory is touched).
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--latent", "100000000000")) == 2
+    assert "out of memory: --latent 100000000000" in one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_out_of_memory_during_training_saves_a_resumable_checkpoint(fake_mnist, tmp_path, monkeypatch, capsys):
+    from vaelib import training
+
+    real, calls = training.train_epoch, []
+
+    def oom_in_epoch_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # epochs 1-3 done, epoch 3 pending (--checkpoint-every 2)
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                               "tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", oom_in_epoch_4)
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--objective", "iwae", "--k", "3")) == 2  # (the largest option)
+    line = one_line(capsys.readouterr().err)
+    assert "out of memory: --k 3 " in line and "resumable checkpoint (epoch 3)" in line, line
+    assert "Resume with: python -m vaelib train" in line and line.endswith("--resume")
+    assert final_state(out)[0] == 3 == len(strict_json(out / "history.json"))
+
+
+def test_out_of_memory_in_eval_names_the_option(fake_mnist, tmp_path, monkeypatch, capsys):
+    from vaelib import ais
+
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+
+    def oom(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(ais, "ais_log_likelihood", oom)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--iwae-k", "0", "--ais", "--ais-chains", "1000000000", "--device", "cpu"]) == 2
+    assert "out of memory: --ais-chains 1000000000" in one_line(capsys.readouterr().err)
+    assert not (out / "eval.json").exists()
+
+
+@pytest.mark.parametrize("device", ["xpu", "hip", "vulkan", "mkldnn", "meta", "env:meta"])
+def test_device_torch_cannot_use_is_one_line_and_makes_no_run(device, fake_mnist, tmp_path, monkeypatch, capsys):
+    from vaelib.config import DEVICE_ENV
+
+    out = tmp_path / "run"
+    argv = [a for a in train_argv(fake_mnist, out, "--epochs", "1") if a not in ("--device", "cpu")]
+    if device.startswith("env:"):
+        monkeypatch.setenv(DEVICE_ENV, device[4:])
+    else:
+        argv += ["--device", device]
+    assert main(argv) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"device {device.removeprefix('env:')!r}" in line and "available: cpu" in line, line
+    assert ("$VAELIB_DEVICE" in line) == device.startswith("env:")
+    assert not out.exists()  # a plain re-run is not blocked by a half-made run
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    assert main([*argv[:-2], "--device", "cpu"] if not device.startswith("env:") else argv) == 0
