@@ -881,3 +881,225 @@ def test_device_torch_cannot_use_is_one_line_and_makes_no_run(device, fake_mnist
     assert not out.exists()  # a plain re-run is not blocked by a half-made run
     monkeypatch.setenv(DEVICE_ENV, "cpu")
     assert main([*argv[:-2], "--device", "cpu"] if not device.startswith("env:") else argv) == 0
+
+
+RUN_JSON_FAULTS = {"null": (None, "holds None, not an object"), "a list": ([1, 2], "holds [1, 2], not an object"),
+                   "run_info a string": ({"run_info": "x"}, "run_info is 'x', not an object"),
+                   "binarize bogus": ({"run_info": {"binarize": "bogus"}}, "run_info.binarize is 'bogus'"),
+                   "seed a string": ({"run_info": {"seed": "abc"}}, "run_info.seed is 'abc', not an integer"),
+                   "dataset null": ({"run_info": {"dataset": None}}, "run_info.dataset is None, not a string"),
+                   "data_root a number": ({"run_info": {"data_root": 5}}, "run_info.data_root is 5")}
+
+
+@pytest.mark.parametrize("fault", RUN_JSON_FAULTS)
+def test_damaged_run_json_is_one_line_naming_the_field(fault, fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    content, words = RUN_JSON_FAULTS[fault]
+    (out / "run.json").write_text(json.dumps(content))
+    capsys.readouterr()
+    assert main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert str(out / "run.json") in line and words in line, line
+    from vaelib.runs import RunFileError, load_run
+
+    with pytest.raises(RunFileError, match="run.json"):
+        load_run(out)
+
+
+CHECKPOINT_FAULTS = {
+    "unknown model_config key": (lambda c: c["model_config"].update(width_multiplier=2),
+                                 "model_config has an unknown field 'width_multiplier'"),
+    "model_config of the wrong type": (lambda c: c.update(model_config=[2]), "model_config is [2], not an object"),
+    "latent_dim a string": (lambda c: c["model_config"].update(latent_dim="2"), "model_config.latent_dim is '2'"),
+    "history a number": (lambda c: c.update(history=5), "history is 5, not a list of rows"),
+    "format a tensor": (lambda c: c.update(format=__import__("torch").tensor(2)), "has format a tensor"),
+    "options.lr a string": (lambda c: c["run_info"]["options"].update(lr="fast"), "run_info.options.lr is 'fast'"),
+}
+
+
+@pytest.mark.parametrize("fault", CHECKPOINT_FAULTS)
+def test_damaged_checkpoint_fields_are_one_line_naming_the_field(fault, fake_mnist, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    damage, words = CHECKPOINT_FAULTS[fault]
+    damage(ckpt)
+    torch.save(ckpt, out / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    evaluated = main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"])
+    eval_line = capsys.readouterr().err
+    for argv in ([*resume_argv(out), "--epochs", "2"],) + (() if fault.startswith("options") else
+                                                            (["eval", str(out), "--iwae-k", "0", "--device", "cpu"],)):
+        assert main(argv) == 2, argv
+        line = one_line(capsys.readouterr().err)
+        assert str(out / "checkpoint.pt") in line and words in line, line
+    if fault.startswith("options"):  # eval does not read the train options
+        assert evaluated == 0, eval_line
+        (out / "eval.json").unlink()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_eval_without_run_json_reads_the_data_set_from_the_checkpoint(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    (out / "run.json").unlink()
+    assert main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"]) == 0
+    assert strict_json(out / "eval.json")["test_images"] == N_TRAIN
+
+
+def test_eval_of_a_folder_that_is_no_run_leaves_no_lock(tmp_path, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    assert main(["eval", str(home), "--device", "cpu"]) == 2
+    assert "is not a run directory" in one_line(capsys.readouterr().err)
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+
+
+def test_relative_data_root_is_stored_absolute_and_a_moved_one_is_explained(fake_mnist, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.chdir(fake_mnist.parent)
+    out = tmp_path / "run"
+    argv = train_argv(Path(fake_mnist.name), out, "--epochs", "1")  # --data-root mnist-data, as typed
+    assert main(argv) == 0
+    assert strict_json(out / "run.json")["run_info"]["data_root"] == str(fake_mnist)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another working directory
+    assert main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"]) == 0
+    assert main([*resume_argv(out), "--epochs", "2"]) == 0
+    fake_mnist.rename(tmp_path / "moved")
+    capsys.readouterr()
+    for argv in (["eval", str(out), "--iwae-k", "0", "--device", "cpu"], [*resume_argv(out), "--epochs", "3"]):
+        assert main(argv) == 2
+        line = one_line(capsys.readouterr().err)
+        assert str(fake_mnist) in line and f"recorded in the run {out}" in line and "--data-root" in line, line
+    assert main([*resume_argv(out), "--epochs", "3", "--data-root", str(tmp_path / "moved")]) == 0
+
+
+def test_malicious_checkpoint_of_another_pickle_protocol_is_one_line(tmp_path, capsys):
+    """torch warns about pickle protocol 4 ("please file an issue") before it refuses the file: one line still."""
+    import torch
+
+    ckpt = _tiny_run(tmp_path / "run")
+    marker = tmp_path / "payload-ran"
+    torch.save({"format": 2, "epoch": 1, "model_state": Payload(marker), "history": []}, ckpt, pickle_protocol=4)
+    assert main(["eval", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "is corrupt or not a vaelib checkpoint" in one_line(capsys.readouterr().err)
+    assert not marker.exists()
+
+
+def test_sighup_saves_the_pending_epochs(fake_mnist, tmp_path, monkeypatch):
+    """A dropped SSH session: SIGHUP is handled like SIGTERM."""
+    from vaelib import training
+
+    real, calls = training.train_epoch, []
+
+    def epoch_then_sighup(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", epoch_then_sighup)
+    out = tmp_path / "run"
+    assert wait_exit_code(fork_main(train_argv(fake_mnist, out), tmp_path / "log")) == 129
+    assert "interrupted by SIGHUP" in one_line((tmp_path / "log" / "err").read_text())
+    assert final_state(out)[0] == 3
+
+
+def test_eval_json_goes_when_a_resume_replaces_the_checkpoint_it_evaluated(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    assert main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"]) == 0
+    assert main([*resume_argv(out), "--epochs", "1"]) == 0  # nothing trained: still the epoch evaluated
+    assert "nothing to train" in capsys.readouterr().out and (out / "eval.json").exists()
+    assert main([*resume_argv(out), "--epochs", "2"]) == 0
+    assert not (out / "eval.json").exists()
+
+
+def test_resume_with_fewer_epochs_than_done_refuses_and_changes_nothing(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "2")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*resume_argv(out), "--epochs", "1"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "trained 2 epochs already" in line and "give at least 2" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_full_disk_names_the_file_and_the_epoch_kept(fake_mnist, tmp_path, monkeypatch, capsys):
+    from vaelib import runs
+
+    real, calls = runs.save_checkpoint, []
+
+    def disk_full_at_epoch_4(state, path):
+        calls.append(state["epoch"])
+        if state["epoch"] == 4:  # a write into a full disk names no file (it is a write on a descriptor)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(state, path)
+
+    monkeypatch.setattr(runs, "save_checkpoint", disk_full_at_epoch_4)
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out)) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"cannot write {out / 'checkpoint.pt'}: no space left on the device" in line, line
+    assert "still holds epoch 2" in line
+    assert final_state(out)[0] == 2 == len(strict_json(out / "history.json"))
+
+
+def test_atomic_write_names_the_file_a_write_fault_hit(tmp_path, monkeypatch):
+    from vaelib import runs
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        runs.write_json(tmp_path / "eval.json", {"a": 1})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "eval.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_huge_beta_divergence_advises_a_smaller_beta(fake_mnist, tmp_path, capsys):
+    assert main(train_argv(fake_mnist, tmp_path / "run", "--beta", "1e308", "--epochs", "1")) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "smaller beta" in line and "learning rate" not in line, line
+
+
+def test_train_size_beyond_the_data_says_so(fake_mnist, tmp_path, capsys):
+    assert main(train_argv(fake_mnist, tmp_path / "run", "--epochs", "0", "--train-size", "1000")) == 0
+    line = one_line(capsys.readouterr().err)
+    assert f"--train-size 1000 is more than the {N_TRAIN} train images" in line, line
+
+
+def test_lock_that_is_a_symlink_is_named(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(".lock")  # a loop: "Too many levels of symbolic links"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"{out / '.lock'} is a symbolic link, not vaelib's run lock" in line, line
+
+
+def test_a_resume_may_lower_the_lr_but_not_below_lr_final(tmp_path):
+    import torch
+
+    from vaelib.models import build_vae
+    from vaelib.runs import RunMismatchError
+    from vaelib.training import fit
+
+    x = torch.rand(64, 784, generator=torch.Generator().manual_seed(0))
+    fit(build_vae(latent_dim=2, hidden=(8,)), x, epochs=1, lr=1e-2, lr_final=1e-3, out_dir=tmp_path, progress=False,
+        device="cpu")
+    for lr, words in ((1e-4, "below the run's lr_final"), (2e-2, "lr is 0.02 now but 0.01 in the run")):
+        with pytest.raises(RunMismatchError, match=words):
+            fit(build_vae(latent_dim=2, hidden=(8,)), x, epochs=2, lr=lr, lr_final=1e-3, out_dir=tmp_path,
+                resume=True, progress=False, device="cpu")
+    result = fit(build_vae(latent_dim=2, hidden=(8,)), x, epochs=2, lr=5e-3, lr_final=1e-3, out_dir=tmp_path,
+                 resume=True, progress=False, device="cpu")
+    assert [row["lr"] for row in result.history] == [1e-2, 1e-3]  # the new schedule from 5e-3 ends at lr_final

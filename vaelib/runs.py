@@ -87,7 +87,11 @@ class RunWriteError(RunError, OSError):
 
     def __init__(self, message: str, cause: OSError):
         super().__init__(message)
+        self.message = message
         self.errno, self.filename = cause.errno, cause.filename
+
+    def __str__(self) -> str:  # OSError's own would print "[Errno 28] ..." once errno is set
+        return self.message
 
 
 class RunMismatchError(RunError, ValueError):
@@ -497,6 +501,9 @@ class RunDirectory:
         try:
             save_checkpoint(state, self.checkpoint)
         except OSError as err:
+            if self._history is not None:  # the history files should list what the checkpoint holds, if they can
+                with contextlib.suppress(OSError):
+                    write_history(self.path, [row for row in self._history if row["epoch"] <= self.saved_epoch])
             raise RunWriteError(f"cannot write {err.filename or self.checkpoint}: {_os_reason(err)}; the checkpoint "
                                 f"{self.checkpoint} still holds epoch {self.saved_epoch} (resume from it once the "
                                 "fault is mended)", err) from err
