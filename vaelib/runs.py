@@ -5,11 +5,13 @@ A run directory holds
   * ``checkpoint.pt`` — model and optimizer state, RNG states, epoch, history and what defines the run (tensors and
     plain containers only, so it loads with ``torch.load(..., weights_only=True)``: a checkpoint cannot run code);
   * ``history.json`` and ``history.csv`` — one row per epoch;
-  * ``run.json`` — the model config and the fit settings, human-readable; ``eval.json`` — ``vaelib eval``'s results;
+  * ``run.json`` — the model config and the fit settings, human-readable; ``eval.json`` — ``vaelib eval``'s results
+    (removed when a later checkpoint replaces the one it evaluated);
   * ``.lock`` — the run lock: one writer at a time (training or eval), released by the OS if its holder dies.
 
 Every file is written through :func:`atomic_write` (a crash leaves the old file or the new one, never a torn one),
-with the mode the umask gives. A run is never overwritten unless asked, and resuming checks that it is the same
+with the mode the umask gives; JSON is strict (no NaN), and what is read back is checked against one schema
+(:func:`check_fields`), so a damaged or hand-edited file is one line naming the file and the field. A run is never overwritten unless asked, and resuming checks that it is the same
 run (:func:`check_resumable`).
 """
 
