@@ -11,8 +11,8 @@ A run directory holds
 
 Every file is written through :func:`atomic_write` (a crash leaves the old file or the new one, never a torn one),
 with the mode the umask gives; JSON is strict (no NaN), and what is read back is checked against one schema
-(:func:`check_fields`), so a damaged or hand-edited file is one line naming the file and the field. A run is never overwritten unless asked, and resuming checks that it is the same
-run (:func:`check_resumable`).
+(:func:`check_fields`), so a damaged or hand-edited file is one line naming the file and the field. A run is
+never overwritten unless asked, and resuming checks that it is the same run (:func:`check_resumable`).
 """
 
 from __future__ import annotations
