@@ -721,3 +721,385 @@ def test_evaluation_refuses_nan_and_empty_input(bad):
     for evaluate in (evaluate_elbo, lambda m, v: iwae_nll(m, v, k=4)):
         with pytest.raises(InvalidInputError, match="NaN" if bad == "nan" else "empty"):
             evaluate(model, x)
+
+
+# ------------------------------------------------------------------------------------------- issue 19's probes
+def strict_json(path: Path):
+    """``path`` read as strict JSON (NaN and Infinity, which json.dumps writes by default, are refused)."""
+    def refuse(word):
+        raise AssertionError(f"{path} holds {word}: not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def all_finite(state: dict) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def test_divergence_in_an_epochs_last_step_is_not_saved_and_a_smaller_lr_resumes(fake_mnist, tmp_path, capsys):
+    """lr 1e30, one step per epoch: every step's loss is finite (it is computed before the update), but the update
+    leaves weights of ~1e30 whose test ELBO is NaN. That epoch diverged: nothing of it may be saved."""
+    import torch
+
+    out = tmp_path / "run"
+    argv = train_argv(fake_mnist, out, "--lr", "1e30", "--batch-size", str(N_TRAIN), "--checkpoint-every", "1")
+    assert main(argv) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "diverged" in line and "epoch 1" in line and "end of epoch 0" in line and "--resume --lr" in line, line
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and all_finite(ckpt["model_state"])
+    assert not (out / "history.json").exists()
+    # What a user tries first: the same run, a smaller step. Allowed, and said so in --help.
+    assert main([*resume_argv(out), "--lr", "1e-3", "--epochs", "2"]) == 0
+    history = strict_json(out / "history.json")
+    assert [row["lr"] for row in history] == [1e-3, 1e-3]
+    assert strict_json(out / "run.json")["settings"]["lr"] == 1e-3
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--lr may be lowered" in " ".join(capsys.readouterr().out.split())
+    assert main([*resume_argv(out), "--lr", "1e-2", "--epochs", "3"]) == 2  # raising it is still refused
+    assert "--lr 0.01 is not the run's 0.001" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("where", ["the parameters", "the optimizer's moments"])
+def test_non_finite_parameters_after_an_epoch_are_its_divergence(where, tmp_path, monkeypatch):
+    """Without a test set, the parameters and Adam's moments are what an epoch's last update left."""
+    import torch
+
+    from vaelib import training
+    from vaelib.models import build_vae
+    from vaelib.training import TrainingDivergedError, fit
+
+    real, calls = training.train_epoch, []
+
+    def inf_weight_in_epoch_3(step, opt, *args, **kwargs):
+        calls.append(1)
+        acc, bad = real(step, opt, *args, **kwargs)  # every loss finite
+        if len(calls) == 3:  # as an overflowing update would
+            weight = opt.param_groups[0]["params"][0]
+            with torch.no_grad():
+                (weight if where == "the parameters" else opt.state[weight]["exp_avg_sq"])[0, 0] = float("inf")
+        return acc, bad
+
+    monkeypatch.setattr(training, "train_epoch", inf_weight_in_epoch_3)
+    torch.manual_seed(0)
+    with pytest.raises(TrainingDivergedError, match=f"epoch 3 left {where} NaN or infinite.*end of epoch 2"):
+        fit(build_vae(latent_dim=2, hidden=(8,)), torch.rand(64, 784), epochs=4, batch_size=32, out_dir=tmp_path,
+            progress=False, device="cpu")
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and all_finite(ckpt["model_state"])
+    assert [row["epoch"] for row in strict_json(tmp_path / "history.json")] == [1, 2]
+
+
+@pytest.mark.parametrize("weights", ["huge", "nan"])
+def test_eval_refuses_nan_as_a_result(weights, fake_mnist, tmp_path, capsys):
+    """A model whose weights are ~1e30 (what older versions saved after a divergence) or NaN."""
+    import torch
+
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["model_state"] = {k: v * 1e30 if weights == "huge" else v * float("nan") for k, v in
+                           ckpt["model_state"].items()}
+    torch.save(ckpt, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert ("NaN or infinite test_elbo" if weights == "huge" else "model_state") in line, line
+    assert not (out / "eval.json").exists()
+
+
+def test_strict_json_is_written(tmp_path):
+    from vaelib.runs import write_json
+
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "x.json", {"test_elbo": float("nan")})
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_out_of_memory_building_the_model_names_the_option(fake_mnist, tmp_path, capsys):
+    # 400 x 1e11 weights: the allocator refuses at once (no memory is touched).
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--latent", "100000000000")) == 2
+    assert "out of memory: --latent 100000000000" in one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_out_of_memory_during_training_saves_a_resumable_checkpoint(fake_mnist, tmp_path, monkeypatch, capsys):
+    from vaelib import training
+
+    real, calls = training.train_epoch, []
+
+    def oom_in_epoch_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # epochs 1-3 done, epoch 3 pending (--checkpoint-every 2)
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                               "tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", oom_in_epoch_4)
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--objective", "iwae", "--k", "3")) == 2  # (the largest option)
+    line = one_line(capsys.readouterr().err)
+    assert "out of memory: --k 3 " in line and "resumable checkpoint (epoch 3)" in line, line
+    assert "Resume with: python -m vaelib train" in line and line.endswith("--resume")
+    assert final_state(out)[0] == 3 == len(strict_json(out / "history.json"))
+
+
+def test_out_of_memory_in_eval_names_the_option(fake_mnist, tmp_path, monkeypatch, capsys):
+    from vaelib import ais
+
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+
+    def oom(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(ais, "ais_log_likelihood", oom)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--iwae-k", "0", "--ais", "--ais-chains", "1000000000", "--device", "cpu"]) == 2
+    assert "out of memory: --ais-chains 1000000000" in one_line(capsys.readouterr().err)
+    assert not (out / "eval.json").exists()
+
+
+@pytest.mark.parametrize("device", ["xpu", "hip", "vulkan", "mkldnn", "meta", "env:meta"])
+def test_device_torch_cannot_use_is_one_line_and_makes_no_run(device, fake_mnist, tmp_path, monkeypatch, capsys):
+    from vaelib.config import DEVICE_ENV
+
+    out = tmp_path / "run"
+    argv = [a for a in train_argv(fake_mnist, out, "--epochs", "1") if a not in ("--device", "cpu")]
+    if device.startswith("env:"):
+        monkeypatch.setenv(DEVICE_ENV, device[4:])
+    else:
+        argv += ["--device", device]
+    assert main(argv) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"device {device.removeprefix('env:')!r}" in line and "available: cpu" in line, line
+    assert ("$VAELIB_DEVICE" in line) == device.startswith("env:")
+    assert not out.exists()  # a plain re-run is not blocked by a half-made run
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    assert main([*argv[:-2], "--device", "cpu"] if not device.startswith("env:") else argv) == 0
+
+
+RUN_JSON_FAULTS = {"null": (None, "holds None, not an object"), "a list": ([1, 2], "holds [1, 2], not an object"),
+                   "run_info a string": ({"run_info": "x"}, "run_info is 'x', not an object"),
+                   "binarize bogus": ({"run_info": {"binarize": "bogus"}}, "run_info.binarize is 'bogus'"),
+                   "seed a string": ({"run_info": {"seed": "abc"}}, "run_info.seed is 'abc', not an integer"),
+                   "dataset null": ({"run_info": {"dataset": None}}, "run_info.dataset is None, not a string"),
+                   "data_root a number": ({"run_info": {"data_root": 5}}, "run_info.data_root is 5")}
+
+
+@pytest.mark.parametrize("fault", RUN_JSON_FAULTS)
+def test_damaged_run_json_is_one_line_naming_the_field(fault, fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    content, words = RUN_JSON_FAULTS[fault]
+    (out / "run.json").write_text(json.dumps(content))
+    capsys.readouterr()
+    assert main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert str(out / "run.json") in line and words in line, line
+    from vaelib.runs import RunFileError, load_run
+
+    with pytest.raises(RunFileError, match="run.json"):
+        load_run(out)
+
+
+CHECKPOINT_FAULTS = {
+    "unknown model_config key": (lambda c: c["model_config"].update(width_multiplier=2),
+                                 "model_config has an unknown field 'width_multiplier'"),
+    "model_config of the wrong type": (lambda c: c.update(model_config=[2]), "model_config is [2], not an object"),
+    "latent_dim a string": (lambda c: c["model_config"].update(latent_dim="2"), "model_config.latent_dim is '2'"),
+    "history a number": (lambda c: c.update(history=5), "history is 5, not a list of rows"),
+    "format a tensor": (lambda c: c.update(format=__import__("torch").tensor(2)), "has format a tensor"),
+    "options.lr a string": (lambda c: c["run_info"]["options"].update(lr="fast"), "run_info.options.lr is 'fast'"),
+}
+
+
+@pytest.mark.parametrize("fault", CHECKPOINT_FAULTS)
+def test_damaged_checkpoint_fields_are_one_line_naming_the_field(fault, fake_mnist, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    damage, words = CHECKPOINT_FAULTS[fault]
+    damage(ckpt)
+    torch.save(ckpt, out / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    evaluated = main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"])
+    eval_line = capsys.readouterr().err
+    for argv in ([*resume_argv(out), "--epochs", "2"],) + (() if fault.startswith("options") else
+                                                            (["eval", str(out), "--iwae-k", "0", "--device", "cpu"],)):
+        assert main(argv) == 2, argv
+        line = one_line(capsys.readouterr().err)
+        assert str(out / "checkpoint.pt") in line and words in line, line
+    if fault.startswith("options"):  # eval does not read the train options
+        assert evaluated == 0, eval_line
+        (out / "eval.json").unlink()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_eval_without_run_json_reads_the_data_set_from_the_checkpoint(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    (out / "run.json").unlink()
+    assert main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"]) == 0
+    assert strict_json(out / "eval.json")["test_images"] == N_TRAIN
+
+
+def test_eval_of_a_folder_that_is_no_run_leaves_no_lock(tmp_path, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    assert main(["eval", str(home), "--device", "cpu"]) == 2
+    assert "is not a run directory" in one_line(capsys.readouterr().err)
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+
+
+def test_relative_data_root_is_stored_absolute_and_a_moved_one_is_explained(fake_mnist, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.chdir(fake_mnist.parent)
+    out = tmp_path / "run"
+    argv = train_argv(Path(fake_mnist.name), out, "--epochs", "1")  # --data-root mnist-data, as typed
+    assert main(argv) == 0
+    assert strict_json(out / "run.json")["run_info"]["data_root"] == str(fake_mnist)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another working directory
+    assert main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"]) == 0
+    assert main([*resume_argv(out), "--epochs", "2"]) == 0
+    fake_mnist.rename(tmp_path / "moved")
+    capsys.readouterr()
+    for argv in (["eval", str(out), "--iwae-k", "0", "--device", "cpu"], [*resume_argv(out), "--epochs", "3"]):
+        assert main(argv) == 2
+        line = one_line(capsys.readouterr().err)
+        assert str(fake_mnist) in line and f"recorded in the run {out}" in line and "--data-root" in line, line
+    assert main([*resume_argv(out), "--epochs", "3", "--data-root", str(tmp_path / "moved")]) == 0
+
+
+def test_malicious_checkpoint_of_another_pickle_protocol_is_one_line(tmp_path, capsys):
+    """torch warns about pickle protocol 4 ("please file an issue") before it refuses the file: one line still."""
+    import torch
+
+    ckpt = _tiny_run(tmp_path / "run")
+    marker = tmp_path / "payload-ran"
+    torch.save({"format": 2, "epoch": 1, "model_state": Payload(marker), "history": []}, ckpt, pickle_protocol=4)
+    assert main(["eval", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "is corrupt or not a vaelib checkpoint" in one_line(capsys.readouterr().err)
+    assert not marker.exists()
+
+
+def test_sighup_saves_the_pending_epochs(fake_mnist, tmp_path, monkeypatch):
+    """A dropped SSH session: SIGHUP is handled like SIGTERM."""
+    from vaelib import training
+
+    real, calls = training.train_epoch, []
+
+    def epoch_then_sighup(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_epoch", epoch_then_sighup)
+    out = tmp_path / "run"
+    assert wait_exit_code(fork_main(train_argv(fake_mnist, out), tmp_path / "log")) == 129
+    assert "interrupted by SIGHUP" in one_line((tmp_path / "log" / "err").read_text())
+    assert final_state(out)[0] == 3
+
+
+def test_eval_json_goes_when_a_resume_replaces_the_checkpoint_it_evaluated(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 0
+    assert main(["eval", str(out), "--iwae-k", "0", "--device", "cpu"]) == 0
+    assert main([*resume_argv(out), "--epochs", "1"]) == 0  # nothing trained: still the epoch evaluated
+    assert "nothing to train" in capsys.readouterr().out and (out / "eval.json").exists()
+    assert main([*resume_argv(out), "--epochs", "2"]) == 0
+    assert not (out / "eval.json").exists()
+
+
+def test_resume_with_fewer_epochs_than_done_refuses_and_changes_nothing(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out, "--epochs", "2")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*resume_argv(out), "--epochs", "1"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "trained 2 epochs already" in line and "give at least 2" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_full_disk_names_the_file_and_the_epoch_kept(fake_mnist, tmp_path, monkeypatch, capsys):
+    from vaelib import runs
+
+    real, calls = runs.save_checkpoint, []
+
+    def disk_full_at_epoch_4(state, path):
+        calls.append(state["epoch"])
+        if state["epoch"] == 4:  # a write into a full disk names no file (it is a write on a descriptor)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(state, path)
+
+    monkeypatch.setattr(runs, "save_checkpoint", disk_full_at_epoch_4)
+    out = tmp_path / "run"
+    assert main(train_argv(fake_mnist, out)) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"cannot write {out / 'checkpoint.pt'}: no space left on the device" in line, line
+    assert "still holds epoch 2" in line
+    assert final_state(out)[0] == 2 == len(strict_json(out / "history.json"))
+
+
+def test_atomic_write_names_the_file_a_write_fault_hit(tmp_path, monkeypatch):
+    from vaelib import runs
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        runs.write_json(tmp_path / "eval.json", {"a": 1})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "eval.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_huge_beta_divergence_advises_a_smaller_beta(fake_mnist, tmp_path, capsys):
+    assert main(train_argv(fake_mnist, tmp_path / "run", "--beta", "1e308", "--epochs", "1")) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "smaller beta" in line and "learning rate" not in line, line
+
+
+def test_train_size_beyond_the_data_says_so(fake_mnist, tmp_path, capsys):
+    assert main(train_argv(fake_mnist, tmp_path / "run", "--epochs", "0", "--train-size", "1000")) == 0
+    line = one_line(capsys.readouterr().err)
+    assert f"--train-size 1000 is more than the {N_TRAIN} train images" in line, line
+
+
+def test_lock_that_is_a_symlink_is_named(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(".lock")  # a loop: "Too many levels of symbolic links"
+    assert main(train_argv(fake_mnist, out, "--epochs", "1")) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"{out / '.lock'} is a symbolic link, not vaelib's run lock" in line, line
+
+
+def test_a_resume_may_lower_the_lr_but_not_below_lr_final(tmp_path):
+    import torch
+
+    from vaelib.models import build_vae
+    from vaelib.runs import RunMismatchError
+    from vaelib.training import fit
+
+    x = torch.rand(64, 784, generator=torch.Generator().manual_seed(0))
+    fit(build_vae(latent_dim=2, hidden=(8,)), x, epochs=1, lr=1e-2, lr_final=1e-3, out_dir=tmp_path, progress=False,
+        device="cpu")
+    for lr, words in ((1e-4, "below the run's lr_final"), (2e-2, "lr is 0.02 now but 0.01 in the run")):
+        with pytest.raises(RunMismatchError, match=words):
+            fit(build_vae(latent_dim=2, hidden=(8,)), x, epochs=2, lr=lr, lr_final=1e-3, out_dir=tmp_path,
+                resume=True, progress=False, device="cpu")
+    result = fit(build_vae(latent_dim=2, hidden=(8,)), x, epochs=2, lr=5e-3, lr_final=1e-3, out_dir=tmp_path,
+                 resume=True, progress=False, device="cpu")
+    assert [row["lr"] for row in result.history] == [1e-2, 1e-3]  # the new schedule from 5e-3 ends at lr_final

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 2 bad arguments or a fault vaelib can name (a :class:`~vaelib.errors.VaelibError`: missing
 or corrupt data, a missing run, divergence; or an OS error: permission denied, not a directory, no space left),
-always one line on stderr — ``--debug`` adds the traceback; 130 interrupted by Ctrl-C and 143 by SIGTERM (handled
-alike), after saving a resumable checkpoint when training.
+always one line on stderr — ``--debug`` adds the traceback; out of memory is such a fault too, named with the option
+that made the work large; 130 interrupted by Ctrl-C, 143 by SIGTERM and 129 by SIGHUP (a dropped SSH session;
+handled alike), after saving a resumable checkpoint when training.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from vaelib.errors import VaelibError
+from vaelib.errors import VaelibError, is_out_of_memory
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
 _MAX_SEED = 2**63 - 2  # torch generators take 64-bit seeds; fit also seeds a generator with seed + 1
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--k", type=_positive_int, default=None, metavar="K",
                     help="importance samples per example for --objective iwae (required with it)")
     tr.add_argument("--seed", type=_seed, default=0, help="(default: %(default)s)")
-    tr.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda > mps > cpu)")
+    tr.add_argument("--device", default=None,
+                    help="cpu, cuda, cuda:N or mps (default: $VAELIB_DEVICE, else cuda > mps > cpu)")
     tr.add_argument("--fast", choices=FAST_MODES, default="auto",
                     help="training path: auto = CUDA graph on CUDA, eager elsewhere (default: %(default)s)")
     tr.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
@@ -174,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate on the first N test images each epoch (0: none; default: all)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its checkpoint; options not given are the run's, and only "
-                         + ", ".join(map(_option, CHANGEABLE_ON_RESUME)) + " and --device may differ from them")
+                         + ", ".join(map(_option, CHANGEABLE_ON_RESUME)) + " and --device may differ from them, "
+                         "except that --lr may be lowered (not raised): after a divergence, which keeps the last good "
+                         "epoch, resume with a smaller --lr (history.json records each epoch's lr)")
     tr.add_argument("--overwrite", action="store_true",
                     help="replace the run in --out (its files go once the new run's first checkpoint is written)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -191,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--test-size", type=_positive_int, default=None, metavar="N",
                     help="use only the first N test images for everything")
     ev.add_argument("--data-root", metavar="DIR", help="folder with the IDX files (default: as in training)")
-    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda > mps > cpu)")
+    ev.add_argument("--device", default=None,
+                    help="cpu, cuda, cuda:N or mps (default: $VAELIB_DEVICE, else cuda > mps > cpu)")
     ev.add_argument("--seed", type=_seed, default=0, help="seed of the Monte-Carlo estimates (default: %(default)s)")
     ev.add_argument("--max-elements", type=_positive_int, default=None, metavar="N",
                     help="memory bound: decoder outputs per IWAE chunk (default: 2^27 on CUDA, 2^24 on CPU)")
@@ -219,20 +224,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(text: str | None):
-    """The --device, checked now (a missing one is a DeviceUnavailableError, a ValueError: one line, exit 2)."""
-    from vaelib.config import select_device
+    """The --device (else $VAELIB_DEVICE, else the best there is), tried now, before a run directory is made: one
+    that is missing, that this torch was not built for (xpu, hip, vulkan...) or that holds no data (meta) is a
+    DeviceUnavailableError, a ValueError: one line, exit 2."""
+    import torch
 
-    return None if text is None else select_device(text)
+    from vaelib.config import DEVICE_ENV, DeviceUnavailableError, available_devices, select_device
+
+    source = "" if text is not None or not os.environ.get(DEVICE_ENV, "").strip() else f" (from ${DEVICE_ENV})"
+    with warnings.catch_warnings():  # torch warns about device types it deprecates (mkldnn): the error says it all
+        warnings.simplefilter("ignore")
+        try:
+            device = select_device(text)
+        except DeviceUnavailableError as err:
+            raise DeviceUnavailableError(f"{err}{source}") from None
+        if device.type == "meta":  # tensors without data: every result would be missing
+            raise DeviceUnavailableError(f"device 'meta'{source} holds shapes, not numbers: it cannot train or "
+                                         f"evaluate; available: {', '.join(available_devices())}")
+        try:
+            (torch.ones(2, device=device) * 2).sum().cpu()
+        except Exception as err:  # torch's RuntimeError/AssertionError/NotImplementedError for a backend it lacks
+            raise DeviceUnavailableError(f"device {str(device)!r}{source} does not work here (this torch cannot run "
+                                         f"on it; --debug shows why); available: {', '.join(available_devices())}"
+                                         ) from err
+    return device
 
 
-def _load_images(dataset: str, split: str, root, binarize: str, seed: int, size: int | None):
-    from vaelib.data import load_split
+def _load_images(dataset: str, split: str, root, binarize: str, seed: int, size: int | None,
+                 size_option: str = "--test-size", recorded_in: Path | None = None):
+    """A split's images (the first ``size``); ``recorded_in``: the run whose run_info gave ``root``."""
+    from vaelib.data import DataNotFoundError, load_split
 
     # Training data for dynamic binarisation stay grey (fit redraws them every epoch); the test set is drawn once.
     mode = {"none": None, "threshold": "threshold", "dynamic": "dynamic" if split == "test" else None}[binarize]
-    data = load_split(dataset, split, root, binarize=mode, seed=seed)
+    try:
+        data = load_split(dataset, split, root, binarize=mode, seed=seed)
+    except DataNotFoundError as err:
+        if recorded_in is None or root is None:
+            raise
+        raise DataNotFoundError(f"{err} (that folder was recorded in the run {recorded_in}; --data-root DIR "
+                                "overrides it)") from None
     images, labels = data.images, data.labels
     if size is not None:
+        if size > len(images):
+            warnings.warn(f"{size_option} {size} is more than the {len(images)} {split} images of {dataset}; "
+                          f"all {len(images)} are used", stacklevel=2)
         images, labels = images[:size], labels[:size]
     return images, labels, data.source
 
@@ -265,13 +301,17 @@ def _resume_options(args, out: Path) -> dict:
         raise RunNotFoundError(f"run directory {out} does not exist (nothing to resume)")
     ckpt = load_checkpoint(out / CHECKPOINT_NAME)
     saved = (ckpt.get("run_info") or {}).get("options") or {}
+    _check_saved_options(saved, f"checkpoint {out / CHECKPOINT_NAME}: run_info.options")
     given = _given(args.argv)
 
     def same(a, b) -> bool:
         return (list(a) if isinstance(a, tuple | list) else a) == (list(b) if isinstance(b, tuple | list) else b)
 
+    def lowered_lr(d: str) -> bool:  # a smaller --lr is allowed (see --resume's help); fit checks it again
+        return d == "lr" and saved[d] is not None and given[d] < saved[d]
+
     differ = [f"{_option(d)} {given[d]!r} is not the run's {saved[d]!r}" for d in RUN_OPTIONS
-              if d in given and d in saved and not same(given[d], saved[d])]
+              if d in given and d in saved and not same(given[d], saved[d]) and not lowered_lr(d)]
     if differ:
         raise CommandLineError(f"cannot resume {out} with other options: {'; '.join(differ)} (on resume only "
                                f"{', '.join(map(_option, CHANGEABLE_ON_RESUME))} and --device may change; to start "
@@ -280,6 +320,54 @@ def _resume_options(args, out: Path) -> dict:
         if dest in saved and dest not in given:
             setattr(args, dest, tuple(saved[dest]) if dest == "hidden" and saved[dest] else saved[dest])
     return ckpt.get("model_config") or {}
+
+
+def _check_saved_options(saved: dict, where: str) -> None:
+    """The train options a run recorded, checked as the parser checks typed ones (a resume sets them on args)."""
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    for dest, value in saved.items():
+        action = actions.get(dest)
+        if action is None or value is None:
+            continue
+        try:
+            if action.choices is not None:
+                ok = value in action.choices
+            elif action.type is None:
+                ok = isinstance(value, str)
+            elif isinstance(value, bool) or not isinstance(value, int | float | list | tuple):
+                ok = False
+            else:
+                listed = isinstance(value, list | tuple)
+                ok = action.type(",".join(map(str, value)) if listed else str(value)) == (
+                    tuple(value) if listed else value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CommandLineError(f"{where}.{dest} is {value!r}, not a value {_option(dest)} accepts")
+
+
+def _memory_hint(args) -> str:
+    """The option that most likely made the work too large: of those that size it, the one given furthest above
+    its default."""
+    sizes = {"train": (("latent", 20), ("hidden", 400), ("pseudo_inputs", 500), ("k", 1), ("batch_size", 128)),
+             "eval": (("ais_chains", 16), ("ais_images", 100), ("iwae_k", 5000), ("max_elements", 2**24),
+                      ("iwae_images", 10000), ("test_size", 10000))}.get(args.command, ())
+
+    def ratio(dest: str, default: int) -> float:
+        value = getattr(args, dest, None)
+        value = max(value) if isinstance(value, tuple | list) and value else value
+        return value / default if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    ranked = sorted(sizes, key=lambda s: ratio(*s), reverse=True)
+    if not ranked:
+        return "out of memory"
+    dest, default = ranked[0]
+    if ratio(dest, default) > 1:
+        value = getattr(args, dest)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple | list) else value
+        return f"out of memory: {_option(dest)} {shown} makes the work too large; try a smaller value"
+    smaller = "--batch-size" if args.command == "train" else "--max-elements or --ais-chains"
+    return f"out of memory; try a smaller {smaller}"
 
 
 def _check_train_combinations(args) -> None:
@@ -300,20 +388,25 @@ def cmd_train(args) -> int:
     import torch
 
     from vaelib.models import build_vae
-    from vaelib.training import TrainingInterrupted, fit
+    from vaelib.training import TrainingDivergedError, TrainingInterrupted, TrainingOutOfMemory, fit
 
     device = _device(args.device)
     out = Path(args.out)
     _check_writable(out, "--out")
     if args.resume and args.overwrite:
         raise CommandLineError("--resume and --overwrite contradict each other")
+    root_given = args.data_root is not None
     config = _resume_options(args, out) if args.resume else {}
     _check_train_combinations(args)
+    if args.data_root is not None:  # stored absolute: eval and resume may run from another working directory
+        args.data_root = os.path.abspath(args.data_root)
+    recorded_in = out if args.resume and not root_given else None
     train_x, _, data_path = _load_images(args.dataset, "train", args.data_root, args.binarize, args.seed,
-                                         args.train_size)
+                                         args.train_size, "--train-size", recorded_in)
     test_x = None
     if args.test_size != 0:
-        test_x, _, _ = _load_images(args.dataset, "test", args.data_root, args.binarize, args.seed, args.test_size)
+        test_x, _, _ = _load_images(args.dataset, "test", args.data_root, args.binarize, args.seed, args.test_size,
+                                    "--test-size", recorded_in)
     torch.manual_seed(args.seed)  # the initial weights
     if config:  # resuming: the run's model, whatever the defaults say (the weights come from the checkpoint)
         model = build_vae(**config)
@@ -333,13 +426,25 @@ def cmd_train(args) -> int:
                      resume=args.resume, overwrite=args.overwrite, fast=args.fast, progress=not args.no_progress,
                      checkpoint_every=args.checkpoint_every, kl=args.kl, objective=args.objective, k=args.k,
                      run_info=run_info)
-    except TrainingInterrupted as stop:
+    except TrainingDivergedError as err:
+        if err.checkpoint is None or args.beta > torch.finfo(torch.float32).max:
+            raise
+        lr = args.lr / 10  # a resume may lower --lr (see --resume's help): what to try first
+        raise TrainingDivergedError(f"{err} Continue from it with a smaller step, e.g.: python -m vaelib train --out "
+                                    f"{shlex.quote(str(out))} --resume --lr {lr:g}", err.epoch, err.step,
+                                    err.checkpoint, err.history) from None
+    except (TrainingInterrupted, TrainingOutOfMemory) as stop:
         argv = [a for a in args.argv if a not in ("--resume", "--overwrite")] + ["--resume"]
         where = (f"a resumable checkpoint (epoch {stop.epoch}) is in {stop.checkpoint}"
                  if stop.checkpoint is not None else "nothing was saved")
-        print(f"vaelib train: interrupted{_signal_words()}; {where}. Resume with: python -m vaelib "
-              f"{shlex.join(argv)}", file=sys.stderr)
-        return _interrupted_exit_code()
+        what = (f"interrupted{_signal_words()}" if isinstance(stop, TrainingInterrupted)
+                else f"error: {_memory_hint(args)}")
+        print(f"vaelib train: {what}; {where}. Resume with: python -m vaelib {shlex.join(argv)}", file=sys.stderr)
+        return _interrupted_exit_code() if isinstance(stop, TrainingInterrupted) else EXIT_ERROR
+    if args.resume and result.resumed_from >= args.epochs:
+        print(f"nothing to train: the run in {args.out} has {result.resumed_from} of --epochs {args.epochs} epochs "
+              "already (give a larger --epochs to continue it)")
+        return EXIT_OK
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k}={last[k]:.3f}" for k in ("train_loss", "test_elbo") if k in last)
     secs = sum(result.seconds_per_epoch)
@@ -353,21 +458,25 @@ def cmd_eval(args) -> int:
 
     from vaelib.ais import ais_log_likelihood
     from vaelib.evaluation import active_units, evaluate_elbo, has_kl_per_dimension, iwae_nll, kl_per_dimension
-    from vaelib.runs import EVAL_JSON, RunLock, RunNotFoundError, load_run, write_json
+    from vaelib.runs import CHECKPOINT_NAME, EVAL_JSON, RunLock, RunNotFoundError, load_run, write_json
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise RunNotFoundError(f"run directory {run_dir} does not exist")
     device = _device(args.device)
+    if not (run_dir / CHECKPOINT_NAME).is_file():  # before the lock: no .lock is left in a folder that is no run
+        raise RunNotFoundError(f"{run_dir} is not a run directory: it has no {CHECKPOINT_NAME} (written by `train`)")
     _check_writable(run_dir, "RUN_DIR")  # before minutes of IWAE, not after
     with RunLock(run_dir):  # no trainer writes the run while it is evaluated
         run = load_run(run_dir, device=device)
-        info = run.run.get("run_info", {})
+        info = run.run_info  # the checkpoint's: run.json may be missing
         if "dataset" not in info:
-            raise CommandLineError(f"{run_dir}: run.json does not say which data set was used (not a CLI run?)")
+            raise CommandLineError(f"{run_dir}: the checkpoint does not say which data set the model was trained on "
+                                   "(a run made by fit() without run_info?)")
         root = args.data_root or info.get("data_root")
         test_x, _, _ = _load_images(info["dataset"], "test", root, info.get("binarize", "none"),
-                                    info.get("seed", 0), args.test_size)
+                                    info.get("seed", 0), args.test_size, "--test-size",
+                                    None if args.data_root else run_dir)
         model = run.model
         torch.manual_seed(args.seed)
         results: dict = {"run_dir": str(run_dir), "epoch": run.epoch, "test_images": len(test_x)}
@@ -393,7 +502,11 @@ def cmd_eval(args) -> int:
                            ais_nll=nll.mean().item(),
                            ais_nll_se=(nll.std() / math.sqrt(n)).item() if n > 1 else None,
                            ais_ess_median=ais.ess.median().item())
-        write_json(run_dir / EVAL_JSON, results)  # atomic: never a torn eval.json
+        broken = [k for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)]
+        if broken:  # NaN is no result: a model of a diverged run (older vaelib versions saved such epochs)
+            raise CommandLineError(f"the model in {run_dir} (epoch {run.epoch}) gives a NaN or infinite "
+                                   f"{', '.join(broken)}: its weights are broken; nothing was written")
+        write_json(run_dir / EVAL_JSON, results)  # atomic, strict JSON: never a torn eval.json
     print(f"run {run_dir} (epoch {run.epoch}), {len(test_x)} test images")
     print(f"  test ELBO        {results['test_elbo']:.3f} nats (rec {results['test_rec']:.3f}, "
           f"KL {results['test_kl']:.3f})")
@@ -437,11 +550,13 @@ def _describe_os_error(err: OSError, bare: bool = False) -> str:
 
 
 _signals: list[int] = []  # the signals turned into KeyboardInterrupt during the current command
+#: Stops handled like Ctrl-C: SIGTERM (a scheduler's or `kill`'s) and SIGHUP (a dropped SSH session or terminal).
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler's or `kill`'s stop) handled like Ctrl-C: training saves its pending epochs first."""
+    """SIGTERM and SIGHUP handled like Ctrl-C: training saves its pending epochs first."""
     _signals.clear()
 
     def handler(signum, frame):
@@ -451,15 +566,16 @@ def _sigterm_as_interrupt():
     if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
         yield
         return
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _signal_words() -> str:
-    return " by SIGTERM" if _signals else ""
+    return f" by {signal.Signals(_signals[-1]).name}" if _signals else ""
 
 
 def _interrupted_exit_code() -> int:
@@ -506,6 +622,10 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"error: {err}")
         except OSError as err:
             return fail(f"error: {_describe_os_error(err)}")
+        except (MemoryError, RuntimeError) as err:  # torch's allocators raise RuntimeErrors
+            if not is_out_of_memory(err):
+                raise
+            return fail(f"error: {_memory_hint(args)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,4 +16,13 @@ class InvalidInputError(VaelibError, ValueError):
     """Data given to a vaelib function that it cannot use (empty, NaN or infinite values)."""
 
 
-__all__ = ["InvalidInputError", "VaelibError"]
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says that memory ran out: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the
+    RuntimeError torch's CPU and MPS allocators raise ("can't allocate memory", "out of memory")."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+__all__ = ["InvalidInputError", "VaelibError", "is_out_of_memory"]

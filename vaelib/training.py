@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from vaelib.config import select_device
 from vaelib.cuda_graph import GraphStepper
 from vaelib.data import dynamic_binarize
-from vaelib.errors import VaelibError
+from vaelib.errors import VaelibError, is_out_of_memory
 from vaelib.evaluation import evaluate_elbo
 from vaelib.models import VAE, Likelihood, check_input, model_dtype
 from vaelib.objectives import KL_ESTIMATORS, OBJECTIVES, default_kl, elbo, has_analytic_kl, iwae_bound, kl_warmup
@@ -50,6 +50,14 @@ class TrainingDivergedError(VaelibError, RuntimeError):
     def __init__(self, message: str, epoch: int, step: int, checkpoint: Path | None, history: list[dict]):
         super().__init__(message)
         self.epoch, self.step, self.checkpoint, self.history = epoch, step, checkpoint, history
+
+
+class TrainingOutOfMemory(VaelibError, MemoryError):
+    """Memory ran out during :func:`fit`; as after Ctrl-C, ``checkpoint`` (if any) resumes at the end of ``epoch``."""
+
+    def __init__(self, message: str, epoch: int, checkpoint: Path | None, history: list[dict]):
+        super().__init__(message)
+        self.epoch, self.checkpoint, self.history = epoch, checkpoint, history
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -393,8 +401,10 @@ def fit(
     tf32: TF32 for float32 matmuls and cuDNN convolutions on CUDA, the same on every path (default off: float32
       throughout, so the paths and the CPU agree to float32 rounding; on for ~15 % more speed on the graph path).
       Both flags are restored when fit returns or raises.
-    Raises TrainingDivergedError on a NaN/inf loss (the model is restored to the last good epoch) and
-    TrainingInterrupted (a KeyboardInterrupt) on Ctrl-C after saving a resumable checkpoint.
+    Raises TrainingDivergedError on a NaN/inf loss, or when an epoch leaves NaN/inf parameters, Adam moments or
+    test ELBO (the model is restored to the last good epoch, and nothing non-finite is saved; resume=True may then
+    continue with a smaller lr), TrainingInterrupted (a KeyboardInterrupt) on Ctrl-C and TrainingOutOfMemory when
+    memory runs out, both after saving a resumable checkpoint.
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "encoder") or not hasattr(model, "decoder"):
         raise TypeError(f"model must be a VAE-like nn.Module with .encoder/.decoder/.prior, got {type(model).__name__}")
@@ -471,6 +481,8 @@ def fit(
             # Before capture: the graph records the addresses of these parameters and optimizer-state tensors.
             model.load_state_dict(ckpt["model_state"])
             _load_optimizer_state(opt, ckpt["optimizer_state"])
+            if optimizer is None:
+                _set_lr(opt, lr)  # the lr a resume may lower (check_resumable), not the one saved with Adam's state
             history = list(ckpt["history"])
             start_epoch = int(ckpt["epoch"])
 
@@ -550,6 +562,11 @@ def fit(
                     model.eval()
                     ev = evaluate_elbo(model, test_x, batch_size=eval_batch_size, kl=kl)
                     row.update(test_elbo=ev["elbo"], test_rec=ev["rec"], test_kl=ev["kl"])
+                broken = _nonfinite_after_epoch(model, opt, row)
+                if broken:  # the epoch's last updates diverged though every step's loss was finite
+                    model.load_state_dict(good_params)
+                    run.flush()
+                    raise _diverged(epoch, -1, math.ceil(n_train / batch_size), lr_e, beta_e, run, history, broken)
                 row.update(beta=beta_e, lr=lr_e, seconds=seconds[-1])
                 history.append(row)
                 if bar is not None:
@@ -566,8 +583,15 @@ def fit(
                     callback(row, model)
             if compile_timing:
                 run.write_run_json(run_json())  # now with the compile seconds
-        except KeyboardInterrupt:  # Ctrl-C; the CLI turns SIGTERM into this too
+        except (KeyboardInterrupt, MemoryError, RuntimeError) as stop:  # Ctrl-C (the CLI turns SIGTERM into it)
+            if not isinstance(stop, KeyboardInterrupt) and not is_out_of_memory(stop):
+                raise
             saved_epoch = run.flush()
+            if not isinstance(stop, KeyboardInterrupt):  # out of memory: saved alike, resumable with less
+                raise TrainingOutOfMemory(
+                    f"out of memory in epoch {len(history) + 1}; " + (
+                        f"a resumable checkpoint of epoch {saved_epoch} is in {run.checkpoint}" if run.checkpoint
+                        else "nothing saved (no out_dir)"), saved_epoch, run.checkpoint, history) from stop
             if run.checkpoint is not None:
                 msg = (f"training interrupted during epoch {len(history) + 1}; a resumable checkpoint of epoch "
                        f"{saved_epoch} is in {run.checkpoint}; continue with resume=True (CLI: --resume)")
@@ -583,14 +607,33 @@ def fit(
                      setup_seconds={**setup_seconds, **compile_timing}, tf32=bool(tf32))
 
 
+def _nonfinite_after_epoch(model: nn.Module, opt: torch.optim.Optimizer, row: dict) -> str:
+    """What an epoch left NaN or infinite ("" if nothing): its parameters, the optimizer's moments or its history
+    row (the test ELBO). Finite losses in every step do not prove it: the last step's update is only seen by the
+    next forward pass (here, the test set's)."""
+    with torch.no_grad():
+        params = [p.detach() for p in model.parameters()]
+        moments = [v for st in opt.state.values() for v in st.values() if isinstance(v, Tensor) and v.dim() > 0]
+        if not bool(torch.stack([torch.isfinite(t).all() for t in params]).all()):  # one host sync
+            return "the parameters"
+        if moments and not bool(torch.stack([torch.isfinite(t).all().to(params[0].device) for t in moments]).all()):
+            return "the optimizer's moments"
+    return ", ".join(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
+
+
 def _diverged(epoch: int, bad_step: int, n_steps: int, lr: float, beta: float, run: RunDirectory,
-              history: list[dict]) -> TrainingDivergedError:
-    step_txt = f"step {bad_step + 1} of {n_steps}" if bad_step >= 0 else "an unknown step"
+              history: list[dict], broken: str = "") -> TrainingDivergedError:
+    if broken:
+        what = f"the updates of epoch {epoch} left {broken} NaN or infinite"
+    else:
+        step_txt = f"step {bad_step + 1} of {n_steps}" if bad_step >= 0 else "an unknown step"
+        what = f"the loss became NaN or infinite in epoch {epoch}, {step_txt}"
+    # beta beyond float32's range is infinite in the loss itself; a large beta is as likely a cause as the lr
+    advice = ("Use a smaller beta (it exceeds float32's range)" if beta > torch.finfo(torch.float32).max else
+              "Try a smaller learning rate or beta" if beta > 1 else "Try a smaller learning rate")
     return TrainingDivergedError(
-        f"training diverged: the loss became NaN or infinite in epoch {epoch}, {step_txt} "
-        f"(lr={lr:g}, beta={beta:g}); the model was restored to the end of epoch {epoch - 1}; "
-        f"last good checkpoint: {run.where()}. Try a smaller learning rate.", epoch, bad_step + 1, run.checkpoint,
-        history)
+        f"training diverged: {what} (lr={lr:g}, beta={beta:g}); the model was restored to the end of epoch "
+        f"{epoch - 1}; last good checkpoint: {run.where()}. {advice}.", epoch, bad_step + 1, run.checkpoint, history)
 
 
 @contextlib.contextmanager
@@ -612,5 +655,6 @@ def _progress_bar(progress: bool, start: int, total: int):
     return tqdm(total=total, initial=start, desc="train", unit="epoch")
 
 
-__all__ = ["FAST_MODES", "GRAPH_MODES", "FitResult", "TrainingDivergedError", "TrainingInterrupted", "fit",
+__all__ = ["FAST_MODES", "GRAPH_MODES", "FitResult", "TrainingDivergedError", "TrainingInterrupted",
+           "TrainingOutOfMemory", "fit",
            "graph_safe", "lr_at_epoch", "train_epoch", "train_step"]
