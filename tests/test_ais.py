@@ -6,6 +6,9 @@
   and the weights are unbiased: E[w / p(x)] = 1.
 - HMC and MALA leave a known Gaussian invariant (first and second moments within 4 standard errors); MALA, written
   with its proposal density, equals HMC with one leapfrog step draw for draw.
+- Mutation tests: the unbiasedness check, run on AIS with a planted error (a wrong sign in the weight increment,
+  a missing tau_t - tau_{t-1}, no Metropolis step, MALA without its proposal correction), must fail.
+- The default pilot adaptation keeps E[w] = p(x); BDMC on the linear model sandwiches the exact log p(x).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import math
 import pytest
 import torch
 
-from vaelib.ais import ais_log_likelihood, annealing_schedule, effective_sample_size, hmc_step, mala_step
+import vaelib.ais
+from vaelib.ais import ais_log_likelihood, annealing_schedule, bdmc, effective_sample_size, hmc_step, mala_step
 from vaelib.linear import LinearGaussian
 from vaelib.models import build_vae
 from vaelib.objectives import iwae_bound
@@ -68,8 +72,10 @@ def test_estimate_reaches_exact_log_px_as_t_grows():
     log_p = exact.log_marginal(x)
     gaps, spread = {}, {}
     for n_steps in (1, 20, 400):
+        # Not seed 1, the data's (linear_model draws x with seed + 1): chains seeded like the data would start at
+        # the very z that generated each x, a hit by construction.
         result = ais_log_likelihood(vae, x, n_steps=n_steps, n_chains=8, start="prior", n_leapfrog=5,
-                                    step_size=0.1, seed=1)
+                                    step_size=0.1, seed=101)
         gaps[n_steps] = mean_and_se(result.log_px - log_p)
         spread[n_steps] = result.log_weights.var(0).mean().item()  # Var(log w), averaged over the points
     # Importance sampling from the prior (T = 1) has log-weights thousands of nats^2 apart; annealing shrinks
@@ -93,6 +99,89 @@ def test_weights_are_unbiased(transition):
     mean, se = mean_and_se(ratio)
     assert abs(mean - 1) < 4 * se and se < 0.01, (mean, se)
     assert result.acceptance.min() > 0.5
+
+
+def unbiasedness(transition: str, **kwargs) -> tuple[float, float]:
+    """Mean and standard error of w / p(x) for AIS from a widened encoder on the linear model (T = 10,
+    200 chains). Step 0.3: acceptance near 0.9, so that the Metropolis step matters."""
+    vae, exact, x = linear_model(seed=3)
+    set_encoder_to_posterior(vae, exact, widen=2.0)
+    options = dict(n_steps=10, n_chains=200, start="encoder", transition=transition, n_leapfrog=3,
+                   step_size=0.3, target_acceptance=None, seed=2) | kwargs
+    result = ais_log_likelihood(vae, x, **options)
+    return mean_and_se(torch.exp(result.log_weights - exact.log_marginal(x)))
+
+
+def _accept_every_proposal(z, z_new, log_ratio, old, new):
+    return z_new, torch.ones_like(log_ratio), new
+
+
+def _mala_without_proposal_correction(z, log_density, step_size, current=None):
+    log_f, grad = log_density(z) if current is None else current
+    eps = step_size.unsqueeze(-1)
+    z_new = z + 0.5 * eps**2 * grad + eps * torch.randn_like(z)
+    log_f_new, grad_new = log_density(z_new)
+    return vaelib.ais._metropolis(z, z_new, log_f_new - log_f, (log_f, grad), (log_f_new, grad_new))
+
+
+_increment = vaelib.ais._log_weight_increment
+MUTANTS = {
+    "wrong sign": ("_log_weight_increment", lambda t0, t1, joint, start: -_increment(t0, t1, joint, start)),
+    "no tau_t - tau_(t-1)": ("_log_weight_increment", lambda t0, t1, joint, start: (joint - start).double()),
+    "no Metropolis step": ("_metropolis", _accept_every_proposal),
+    "MALA without proposal correction": ("mala_step", _mala_without_proposal_correction),
+}
+
+
+@pytest.mark.parametrize("transition", ["hmc", "mala"])
+def test_unbiasedness_check_passes_on_the_real_code(transition):
+    mean, se = unbiasedness(transition)
+    assert abs(mean - 1) < 4 * se and se < 0.01, (mean, se)
+
+
+@pytest.mark.parametrize("mutant", MUTANTS)
+@pytest.mark.parametrize("transition", ["hmc", "mala"])
+def test_unbiasedness_check_rejects_a_planted_error(transition, mutant, monkeypatch):
+    """The check above, on AIS with one error planted: it must fail (by many standard errors)."""
+    name, replacement = MUTANTS[mutant]
+    if name == "mala_step" and transition == "hmc":
+        pytest.skip("MALA's proposal correction is not used by HMC")
+    monkeypatch.setattr(vaelib.ais, name, replacement)
+    mean, se = unbiasedness(transition)
+    assert not (abs(mean - 1) < 4 * se and se < 0.01), (mean, se)
+
+
+def test_pilot_adaptation_keeps_the_weights_unbiased():
+    """The default: steps adapted on a pilot run, then frozen. Start far from the target acceptance so that the
+    adaptation moves the steps a lot; the main run's weights stay unbiased."""
+    mean, se = unbiasedness("hmc", n_steps=60, n_chains=100, step_size=0.02, target_acceptance=0.65)
+    assert abs(mean - 1) < 4 * se and se < 0.02, (mean, se)
+    vae, exact, x = linear_model(seed=3)
+    result = ais_log_likelihood(vae, x[:4], n_steps=60, n_chains=8, step_size=0.02, seed=0)
+    assert result.step_sizes.shape == (59, 4) and result.step_sizes[-1].min() > 0.02 * 1.02**10
+    # Frozen steps given back reproduce a run that uses them (no adaptation of its own).
+    again = ais_log_likelihood(vae, x[:4], n_steps=60, n_chains=8, step_size=result.step_sizes,
+                               target_acceptance=None, seed=0)
+    torch.testing.assert_close(again.step_sizes, result.step_sizes)
+
+
+def test_bdmc_sandwiches_the_exact_log_likelihood():
+    """Forward AIS <= log p(x) <= reverse AIS from the exact posterior draw (each within 4 standard errors);
+    the sandwich narrows as T grows."""
+    vae, exact, _ = linear_model(seed=5)
+    set_encoder_to_posterior(vae, exact, widen=4.0)
+    g = torch.Generator().manual_seed(50)
+    z = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    x = z @ exact.W.T + exact.b + exact.sigma * torch.randn(64, 6, generator=g, dtype=torch.float64)
+    log_p = exact.log_marginal(x)
+    widths = {}
+    for n_steps in (2, 50):
+        result = bdmc(vae, x, z, n_steps=n_steps, n_chains=4, n_leapfrog=3, step_size=0.1, seed=51)
+        below, below_se = mean_and_se(result.forward.log_px - log_p)
+        above, above_se = mean_and_se(result.reverse.log_px - log_p)
+        assert below < 4 * below_se and above > -4 * above_se, (n_steps, below, above)
+        widths[n_steps] = result.width.mean().item()
+    assert widths[50] < widths[2] / 3 and widths[50] < 0.05, widths
 
 
 def gaussian_target(dim: int = 3, seed: int = 0):
@@ -179,7 +268,10 @@ def test_schedules_run_from_zero_to_one():
 
 @pytest.mark.parametrize("kwargs", [dict(n_steps=0), dict(n_chains=0), dict(start="posterior"),
                                     dict(transition="gibbs"), dict(step_size=-1.0), dict(schedule="cosine"),
-                                    dict(schedule=[0.0, 0.5, 0.4, 1.0], n_steps=3), dict(target_acceptance=1.5)])
+                                    dict(schedule=[0.0, 0.5, 0.4, 1.0], n_steps=3), dict(target_acceptance=1.5),
+                                    dict(adaptation="never"), dict(pilot_chains=0),
+                                    dict(step_size=torch.full((3,), 0.1), n_steps=3),
+                                    dict(step_size=torch.full((5,), 0.1), n_steps=3, target_acceptance=None)])
 def test_bad_arguments_are_refused(kwargs):
     vae, _, x = linear_model()
     with pytest.raises(ValueError):
