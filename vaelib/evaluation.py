@@ -113,6 +113,62 @@ def refine_posterior(model, x: Tensor, *, steps: int = 500, lr: float = 1e-2, n_
     return tuple(p.detach() for p in params)
 
 
+def _se(values: Tensor) -> float:
+    """Standard error of the mean of per-example values."""
+    return (values.std() / len(values) ** 0.5).item() if len(values) > 1 else 0.0
+
+
+def refine_until_stalled(model, x: Tensor, *, steps: int = 500, max_rounds: int = 4, tol: float = 0.01,
+                         n_eval: int = 1000, lr: float = 1e-2, n_samples: int = 8, kl: str = "analytic",
+                         stats: tuple[Tensor, ...] | None = None,
+                         seed: int = 0) -> tuple[tuple[Tensor, ...], list[dict[str, float]]]:
+    """:func:`refine_posterior` run longer until it stops improving: the shortfall of a refinement, measured.
+
+    A first run of ``steps``, then up to ``max_rounds`` more, each twice as long as the one before and continuing
+    from its result, until a round raises the mean ELBO over ``x`` by less than ``tol`` nats. Each result's
+    ELBO is estimated with ``n_eval`` reparameterised draws per example, the same draws for every result (common
+    random numbers, from ``seed``; the global RNG is left as it was), so the gain of a round is a paired difference.
+
+    Returns the last stats and one row per run: ``steps`` (total so far), ``elbo`` (the mean estimate), ``gain``
+    (over the previous run; the first run's over the start) and ``se`` (its standard error over the examples), and
+    ``total_gain`` and ``total_se``, the same over the start. Started from a refined q (``stats``), the last
+    ``total_gain`` is that q's shortfall as far as longer refinement can find it; the last ``gain`` says what the
+    last doubling still bought: a refinement that stalls has not necessarily reached the optimum.
+    """
+    if max_rounds < 0 or n_eval < 1:
+        raise ValueError(f"need max_rounds >= 0 and n_eval >= 1, got {max_rounds}, {n_eval}")
+    x = x.to(device=model_device(model), dtype=model_dtype(model))
+    if stats is None:
+        with torch.no_grad():
+            stats = model.encoder(x)
+
+    @torch.no_grad()
+    def elbo_per_example(current: tuple[Tensor, ...]) -> Tensor:
+        device = x.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            total = torch.zeros(len(x), dtype=torch.float64, device=device)
+            for start in range(0, n_eval, 100):
+                n = min(100, n_eval - start)
+                total += elbo(model, x, kl=kl, n_samples=n, stats=current).elbo.double() * n
+        return (total / n_eval).cpu()
+
+    previous = start = elbo_per_example(stats)
+    rows: list[dict[str, float]] = []
+    run_steps, total_steps = steps, 0
+    for _ in range(max_rounds + 1):
+        stats = refine_posterior(model, x, steps=run_steps, lr=lr, n_samples=n_samples, kl=kl, stats=stats)
+        total_steps += run_steps
+        current = elbo_per_example(stats)
+        gain, total = current - previous, current - start
+        rows.append(dict(steps=total_steps, elbo=current.mean().item(), gain=gain.mean().item(), se=_se(gain),
+                         total_gain=total.mean().item(), total_se=_se(total)))
+        if gain.mean().item() < tol:
+            break
+        previous, run_steps = current, 2 * run_steps
+    return stats, rows
+
+
 @torch.no_grad()
 def encode_means(model, x: Tensor, batch_size: int = 1000) -> Tensor:
     """E_q[z|x] = mu(x) for every example, (N, latent_dim) on the CPU."""
@@ -167,4 +223,4 @@ def samples(model, n: int, seed: int | None = 0) -> Tensor:
 
 __all__ = ["active_units", "encode_means", "evaluate_elbo", "has_kl_per_dimension", "iwae_bounds", "iwae_nll",
            "kl_per_dimension",
-           "reconstructions", "refine_posterior", "samples"]
+           "reconstructions", "refine_posterior", "refine_until_stalled", "samples"]
