@@ -84,18 +84,21 @@ pdf: venv
 	install -D -m 644 book/_build/latex/book.pdf book/_build/html/$(PDF_NAME)
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_pdf.py
 
-## notebooks: sync each .md into its .ipynb and re-execute in FULL mode (regenerates stored outputs). NB=stem for one.
+## notebooks: carry each .md into its .ipynb and re-execute in FULL mode (regenerates stored outputs). NB=stem for one.
+## The .md is the file one edits, so it is always the source: `jupytext --sync` would pick the newer file by its
+## time stamp, and a checkout or merge can leave the .ipynb newer and overwrite the .md's edits.
+TO_IPYNB = $(BIN)/jupytext --quiet --update --to ipynb --output book/chapters/$$nb.ipynb notebooks/$$nb.md
 notebooks: venv data
 	for nb in $(NB); do \
-	  $(BIN)/jupytext --sync notebooks/$$nb.md; \
+	  $(TO_IPYNB); \
 	  env -u VAELIB_QUICK $(BIN)/jupyter execute --inplace --timeout=3600 book/chapters/$$nb.ipynb; \
 	done
 
-## exercises: sync each .md into its .ipynb, then execute only its exercises (the setup and device cells, then
+## exercises: carry each .md into its .ipynb (keeping the stored outputs), then execute only its exercises (the setup and device cells, then
 ## the "## Exercises" section) in a fresh kernel in FULL mode, storing their outputs. NB=stem for one.
 exercises: venv data
 	for nb in $(NB); do \
-	  $(BIN)/jupytext --sync notebooks/$$nb.md; \
+	  $(TO_IPYNB); \
 	  env -u VAELIB_QUICK $(PY) scripts/execute-exercises.py $$nb; \
 	done
 
