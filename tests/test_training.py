@@ -11,6 +11,7 @@ from torch import nn
 
 import vaelib.training as training
 from vaelib.cuda_graph import WARMUP_STEPS, GraphStepper
+from vaelib.errors import VaelibError
 from vaelib.models import build_vae
 from vaelib.objectives import elbo
 from vaelib.runs import CHECKPOINT_NAME, RunNotFoundError, load_checkpoint, load_run
@@ -715,3 +716,25 @@ def test_default_cpu_path_equals_the_plain_loop_to_float32_rounding(data):
     for name, value in plain.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert [row["train_loss"] for row in result.history] == pytest.approx(losses, rel=1e-5)
+
+
+def test_fit_many_gives_each_job_what_fit_gives_alone(data):
+    """Two worker processes, each job with its own settings and init seed: every result equals fit run alone
+    (on one thread, as the workers run), in the jobs' order; a failing job is named."""
+    train, test = data
+    jobs = [{"model": {"latent_dim": 2, "hidden": [16]}, "beta": 0.5, "init_seed": 1},
+            {"model": {"latent_dim": 3, "hidden": [8]}, "beta": 2.0, "seed": 4}]
+    results = training.fit_many(jobs, train, test, processes=2, epochs=2, batch_size=32, lr=1e-2, beta=1.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for job, result in zip(jobs, results, strict=True):
+            torch.manual_seed(job.get("init_seed", 0))
+            alone = fit(build_vae(**job["model"]), train, test, epochs=2, batch_size=32, lr=1e-2, beta=job["beta"],
+                        seed=job.get("seed", 0), progress=False, device="cpu")
+            assert_same_params(result.model, alone.model)
+            assert without_seconds(result.history) == without_seconds(alone.history)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(VaelibError, match="job 1: ValueError: beta must be >= 0"):
+        training.fit_many([jobs[0], {**jobs[1], "beta": -1.0}], train, processes=2, epochs=1)
