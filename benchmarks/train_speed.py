@@ -1,26 +1,31 @@
 """Training speed: a tutorial-style DataLoader loop against vaelib's trainers, same data, model, loss and optimizer.
 
 Setting (one process, one device): Fashion-MNIST, 784-400-20 MLP (ReLU; Bernoulli decoder, sigmoid mean), batch
-128, Adam 1e-3 (the same Adam everywhere: fused on CUDA, as fit uses it), BCE + analytic KL, dynamically (default)
-or statically binarised. One precision for every trainer: TF32 off (float32; ``--tf32`` turns it on for all).
-Each effect is a trainer of its own, so that it is visible on its own:
+128, Adam 1e-3 (torch's default Adam in the DataLoader loop, fused on CUDA; fit's fused Adam), BCE + analytic KL,
+dynamically (default) or statically binarised. One precision for every trainer: TF32 off (float32; ``--tf32``
+turns it on for all). Each effect is a trainer of its own, so that it is visible on its own:
 
   dataloader_loop        TensorDataset + DataLoader (pinned memory on CUDA), batches copied to the device
   vaelib_eager           fit(fast="eager"): data resident on the device, one host sync per epoch
   vaelib_graph           fit(fast="graph"): each step one CUDA-graph replay (CUDA only)
   vaelib_graph_compile   fit(fast="graph-compile"): the same with the loss through torch.compile (CUDA only)
+  matmul_ceiling         the matrix products of an epoch alone (forward, weight and input gradients of every
+                         linear layer, none for the first layer's input), on preallocated tensors: the time no
+                         trainer can beat at this batch size and thread count
 
-Per trainer: seconds per epoch (median of the timed epochs, after one warm-up epoch), the ratio to the DataLoader
-loop, the setup seconds (graph capture, compilation) and the final test -ELBO. Load from other processes is spread
-over the trainers: on a CPU they take turns epoch by epoch (``--interleave``; vaelib's run resumes from its
-checkpoint for each epoch, which continues bit for bit), elsewhere each trainer trains ``--repeats`` times, the
-order reversed every other repeat. Then the IWAE (k = 5000) negative log-likelihood of the test images, timed; on
-a CPU ``--iwae-images N`` evaluates N images and extrapolates the time to 10,000 (labelled as such).
+Per trainer: seconds per epoch (median of the timed epochs, after one warm-up epoch), the ratios to the ceiling and
+to the DataLoader loop, the setup seconds (graph capture, compilation) and the final test -ELBO. Load from other
+processes is spread over the trainers: on a CPU they take turns epoch by epoch (``--interleave``; vaelib's run
+resumes from its checkpoint for each epoch, which continues bit for bit), elsewhere each trainer trains
+``--repeats`` times, the order reversed every other repeat. Then the IWAE (k = 5000) negative log-likelihood of
+the test images, timed in turns with its ceiling (the forward products alone); on a CPU ``--iwae-images N``
+evaluates N images and extrapolates both times to 10,000 (labelled as such).
 
 The JSON records the git commit, torch/CUDA/driver versions, the flags and the machine's load before and after; it
 is written atomically, under a name with the device, the host and the time (no two machines write the same file).
 
     python benchmarks/train_speed.py                    # writes benchmarks/results/<device>-<host>-<time>.json
+    make benchmark BENCH_ARGS="--threads 2 --out benchmarks/results/cpu-2threads.json"   # the committed CPU file
     python benchmarks/train_speed.py --epochs 5 --device cuda --iwae-images 10000
 """
 
