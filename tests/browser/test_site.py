@@ -218,10 +218,16 @@ def _parse(path: Path) -> _Links:
 def test_internal_links_resolve():
     """Every relative link, image and asset points at a file of the site, and every #anchor exists there."""
     parsed: dict[Path, _Links] = {}
+
+    def links_of(path: Path) -> _Links:  # each page parsed once (setdefault would parse it at every link)
+        if path not in parsed:
+            parsed[path] = _parse(path)
+        return parsed[path]
+
     broken = []
     for page_path in PAGES:
-        page = SITE / page_path
-        links = parsed.setdefault(page, _parse(page))
+        page = (SITE / page_path).resolve()
+        links = links_of(page)
         for href in links.links:
             split = urllib.parse.urlsplit(href)
             if split.scheme or href.startswith(("//", "mailto:", "javascript:")):
@@ -233,7 +239,7 @@ def test_internal_links_resolve():
                 broken.append(f"{page_path}: {href} (no such file)")
                 continue
             if split.fragment and target.suffix == ".html":
-                ids = parsed.setdefault(target, _parse(target)).ids
+                ids = links_of(target).ids
                 if urllib.parse.unquote(split.fragment) not in ids:
                     broken.append(f"{page_path}: {href} (no such anchor)")
     assert not broken, "\n".join(broken)
