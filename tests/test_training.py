@@ -738,3 +738,19 @@ def test_fit_many_gives_each_job_what_fit_gives_alone(data):
         torch.set_num_threads(threads)
     with pytest.raises(VaelibError, match="job 1: ValueError: beta must be >= 0"):
         training.fit_many([jobs[0], {**jobs[1], "beta": -1.0}], train, processes=2, epochs=1)
+
+
+def test_set_cpu_threads_gives_the_cpu_one_thread_unless_told(monkeypatch):
+    from vaelib.config import THREADS_ENV, set_cpu_threads
+
+    saved = torch.get_num_threads()
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    try:
+        torch.set_num_threads(2)
+        assert set_cpu_threads("meta") == 2  # not the CPU: left alone
+        assert set_cpu_threads("cpu") == 1
+        monkeypatch.setenv(THREADS_ENV, "2")
+        assert set_cpu_threads("cpu") == 2
+        assert set_cpu_threads("cpu", threads=1) == 1
+    finally:
+        torch.set_num_threads(saved)
