@@ -88,7 +88,7 @@ exercises: venv data
 	done
 
 ## benchmark: training-speed benchmark on this machine; writes benchmarks/results/<device>-<host>-<time>.json
-## (BENCH_ARGS="--threads 2 --out benchmarks/results/cpu-2threads.json" writes the committed CPU result)
+## (BENCH_ARGS="--threads 2 --epochs 5 --out benchmarks/results/cpu-2threads.json" writes the committed CPU result)
 BENCH_ARGS ?=
 benchmark: venv data
 	$(PY) benchmarks/train_speed.py $(BENCH_ARGS)

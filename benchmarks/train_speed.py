@@ -25,7 +25,7 @@ The JSON records the git commit, torch/CUDA/driver versions, the flags and the m
 is written atomically, under a name with the device, the host and the time (no two machines write the same file).
 
     python benchmarks/train_speed.py                    # writes benchmarks/results/<device>-<host>-<time>.json
-    make benchmark BENCH_ARGS="--threads 2 --out benchmarks/results/cpu-2threads.json"   # the committed CPU file
+    make benchmark BENCH_ARGS="--threads 2 --epochs 5 --out benchmarks/results/cpu-2threads.json"  # committed
     python benchmarks/train_speed.py --epochs 5 --device cuda --iwae-images 10000
 """
 
