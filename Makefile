@@ -103,8 +103,10 @@ exercises: venv data
 	done
 
 ## benchmark: training-speed benchmark on this machine; writes benchmarks/results/<device>-<host>-<time>.json
+## (BENCH_ARGS="--threads 2 --epochs 5 --out benchmarks/results/cpu-2threads.json" writes the committed CPU result)
+BENCH_ARGS ?=
 benchmark: venv data
-	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/train_speed.py $(BENCH_ARGS)
 
 ## scrub: regenerate the stored notebooks from their .md twins without outputs (NB=stem for one)
 scrub: venv

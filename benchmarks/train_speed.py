@@ -1,26 +1,31 @@
 """Training speed: a tutorial-style DataLoader loop against vaelib's trainers, same data, model, loss and optimizer.
 
 Setting (one process, one device): Fashion-MNIST, 784-400-20 MLP (ReLU; Bernoulli decoder, sigmoid mean), batch
-128, Adam 1e-3 (the same Adam everywhere: fused on CUDA, as fit uses it), BCE + analytic KL, dynamically (default)
-or statically binarised. One precision for every trainer: TF32 off (float32; ``--tf32`` turns it on for all).
-Each effect is a trainer of its own, so that it is visible on its own:
+128, Adam 1e-3 (torch's default Adam in the DataLoader loop, fused on CUDA; fit's fused Adam), BCE + analytic KL,
+dynamically (default) or statically binarised. One precision for every trainer: TF32 off (float32; ``--tf32``
+turns it on for all). Each effect is a trainer of its own, so that it is visible on its own:
 
   dataloader_loop        TensorDataset + DataLoader (pinned memory on CUDA), batches copied to the device
   vaelib_eager           fit(fast="eager"): data resident on the device, one host sync per epoch
   vaelib_graph           fit(fast="graph"): each step one CUDA-graph replay (CUDA only)
   vaelib_graph_compile   fit(fast="graph-compile"): the same with the loss through torch.compile (CUDA only)
+  matmul_ceiling         the matrix products of an epoch alone (forward, weight and input gradients of every
+                         linear layer, none for the first layer's input), on preallocated tensors: the time no
+                         trainer can beat at this batch size and thread count
 
-Per trainer: seconds per epoch (median of the timed epochs, after one warm-up epoch), the ratio to the DataLoader
-loop, the setup seconds (graph capture, compilation) and the final test -ELBO. Load from other processes is spread
-over the trainers: on a CPU they take turns epoch by epoch (``--interleave``; vaelib's run resumes from its
-checkpoint for each epoch, which continues bit for bit), elsewhere each trainer trains ``--repeats`` times, the
-order reversed every other repeat. Then the IWAE (k = 5000) negative log-likelihood of the test images, timed; on
-a CPU ``--iwae-images N`` evaluates N images and extrapolates the time to 10,000 (labelled as such).
+Per trainer: seconds per epoch (median of the timed epochs, after one warm-up epoch), the ratios to the ceiling and
+to the DataLoader loop, the setup seconds (graph capture, compilation) and the final test -ELBO. Load from other
+processes is spread over the trainers: on a CPU they take turns epoch by epoch (``--interleave``; vaelib's run
+resumes from its checkpoint for each epoch, which continues bit for bit), elsewhere each trainer trains
+``--repeats`` times, the order reversed every other repeat. Then the IWAE (k = 5000) negative log-likelihood of
+the test images, timed in turns with its ceiling (the forward products alone); on a CPU ``--iwae-images N``
+evaluates N images and extrapolates both times to 10,000 (labelled as such).
 
 The JSON records the git commit, torch/CUDA/driver versions, the flags and the machine's load before and after; it
 is written atomically, under a name with the device, the host and the time (no two machines write the same file).
 
     python benchmarks/train_speed.py                    # writes benchmarks/results/<device>-<host>-<time>.json
+    make benchmark BENCH_ARGS="--threads 2 --epochs 5 --out benchmarks/results/cpu-2threads.json"  # committed
     python benchmarks/train_speed.py --epochs 5 --device cuda --iwae-images 10000
 """
 
@@ -40,12 +45,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from vaelib.config import select_device
 from vaelib.data import dynamic_binarize, load_split
-from vaelib.evaluation import evaluate_elbo, iwae_nll
+from vaelib.evaluation import evaluate_elbo, iwae_bounds, iwae_nll
 from vaelib.models import build_vae
 from vaelib.objectives import elbo
 from vaelib.runs import atomic_write
@@ -96,6 +101,64 @@ def new_model(device: torch.device):
     torch.manual_seed(0)
     return build_vae("mlp", input_dim=784, latent_dim=20, hidden=(400,), activation="relu",
                      likelihood="bernoulli").to(device)
+
+
+def linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
+    """(in_features, out_features) of every linear layer of ``module``, in the order they run (the first reads the
+    data)."""
+    return [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def _operands(shapes, rows: int, device, dtype=torch.float32) -> list[tuple[Tensor, ...]]:
+    """Preallocated operands per layer: input, weight, bias, output gradient, output, weight gradient, input
+    gradient."""
+    def new(*shape):
+        return torch.rand(*shape, device=device, dtype=dtype)
+    return [(new(rows, i), new(o, i), new(o), new(rows, o), new(rows, o), new(o, i), new(rows, i)) for i, o in shapes]
+
+
+def matmul_epochs(shapes, n_train: int, batch_size: int, device):
+    """The training ceiling: the matrix products of one epoch alone, on preallocated tensors, one epoch per
+    ``next``: per step and linear layer, the forward product with its bias (addmm, as nn.Linear runs it), the
+    weight gradient and the input gradient (not for the first layer, whose input needs none: autograd skips it
+    too), at the run's batch size (the last batch partial) and thread count. Nothing else a step must do (the
+    nonlinearities, the loss, Adam, the binarisation) is in it. Yields like the trainers: (None, seconds, path,
+    {})."""
+    sizes = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size else [])
+    operands = {rows: _operands(shapes, rows, device) for rows in set(sizes)}
+
+    def step(rows):
+        for layer, (x, w, b, g, y, dw, dx) in enumerate(operands[rows]):
+            torch.addmm(b, x, w.t(), out=y)
+            torch.mm(g.t(), x, out=dw)
+            if layer:
+                torch.mm(g, w, out=dx)
+
+    step(sizes[0])  # warm-up (allocator, the BLAS's buffers)
+    while True:
+        sync(device)
+        t0 = time.perf_counter()
+        for rows in sizes:
+            step(rows)
+        sync(device)
+        yield None, time.perf_counter() - t0, "matrix products only", {}
+
+
+def iwae_ceiling_seconds(model, images: int, k: int, device, block: int = 4096) -> float:
+    """The IWAE ceiling for ``images`` images: the forward products alone (addmm with bias) of the encoder's
+    linear layers on the images and of the decoder's on their k latent samples each, ``block`` rows at a time, on
+    preallocated tensors."""
+    parts = [(linear_shapes(model.encoder), images), (linear_shapes(model.decoder), images * k)]
+    operands = {id(shapes): _operands(shapes, min(block, rows), device) for shapes, rows in parts}
+    sync(device)
+    t0 = time.perf_counter()
+    for shapes, rows in parts:
+        for start in range(0, rows, block):
+            n = min(block, rows - start)
+            for x, w, b, _, y, _, _ in operands[id(shapes)]:
+                torch.addmm(b, x[:n], w.t(), out=y[:n])
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def dataloader_epochs(train_x: Tensor, device, batch_size: int, dynamic: bool):
@@ -245,7 +308,10 @@ def main(argv=None) -> int:
           f"{total} epochs each (first = warm-up); {'interleaved' if interleave else f'{repeats} repeats'}",
           flush=True)
 
-    # runs[name] = one entry per repeat: (model, seconds of each epoch, path, setup seconds)
+    # runs[name] = one entry per repeat: (model, seconds of each epoch, path, setup seconds); the ceiling takes its
+    # turns like a trainer.
+    shapes = linear_shapes(new_model(device))
+    names = [*names, "matmul_ceiling"]
     runs: dict[str, list] = {name: [] for name in names}
     tf32_saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # the loop's; fit sets its own
@@ -255,6 +321,7 @@ def main(argv=None) -> int:
             # processes on a shared machine falls on all of them alike instead of on whichever ran at the time.
             with tempfile.TemporaryDirectory() as tmp:
                 gens = {name: dataloader_epochs(train, device, args.batch_size, dynamic) if name == "dataloader_loop"
+                        else matmul_epochs(shapes, len(train), args.batch_size, device) if name == "matmul_ceiling"
                         else vaelib_epochs(train, device, args.batch_size, dynamic, VAELIB_TRAINERS[name],
                                            Path(tmp) / name, tf32=args.tf32) for name in names}
                 seconds = {name: [] for name in names}
@@ -269,10 +336,11 @@ def main(argv=None) -> int:
         else:
             for r in range(repeats):
                 for name in (names if r % 2 == 0 else names[::-1]):
-                    if name == "dataloader_loop":
-                        loop = dataloader_epochs(train, device, args.batch_size, dynamic)
+                    if name in ("dataloader_loop", "matmul_ceiling"):
+                        loop = (dataloader_epochs(train, device, args.batch_size, dynamic) if name == "dataloader_loop"
+                                else matmul_epochs(shapes, len(train), args.batch_size, device))
                         epochs = [next(loop) for _ in range(total)]
-                        runs[name].append((epochs[-1][0], [s for _, s, _, _ in epochs], None, {}))
+                        runs[name].append((epochs[-1][0], [s for _, s, _, _ in epochs], epochs[-1][2], {}))
                     else:
                         runs[name].append(vaelib_fit(train, device, total, args.batch_size, dynamic,
                                                      VAELIB_TRAINERS[name], tf32=args.tf32))
@@ -287,19 +355,24 @@ def main(argv=None) -> int:
                       "repeat_medians": [statistics.median(secs[1:]) for _, secs, _, _ in runs[name]],
                       "epoch_seconds": [[round(s, 4) for s in secs] for _, secs, _, _ in runs[name]],
                       "setup_seconds": [setup for _, _, _, setup in runs[name]],
-                      "test_neg_elbo": test_neg_elbo(model, test)}
-        print(f"  {name:<22} {rows[name]['seconds_per_epoch']:8.3f} s/epoch   test -ELBO "
-              f"{rows[name]['test_neg_elbo']:.2f}   setup {rows[name]['setup_seconds'][0]}", flush=True)
-    base = rows["dataloader_loop"]["seconds_per_epoch"]
-    for row in rows.values():
-        row["ratio_to_dataloader"] = row["seconds_per_epoch"] / base
-        if interleave:
-            # Epochs run back to back in the same round share the machine's state: their ratio is the fairer
-            # comparison when the machine's speed drifts during the run.
-            loop_epochs = rows["dataloader_loop"]["epoch_seconds"][0][1:]
-            paired = [a / b for a, b in zip(row["epoch_seconds"][0][1:], loop_epochs, strict=True)]
-            row["paired_ratio_median"] = statistics.median(paired)
-            row["rounds_faster_than_dataloader"] = sum(r < 1 for r in paired)
+                      "test_neg_elbo": None if model is None else test_neg_elbo(model, test)}
+        elbo_txt = "" if model is None else f"   test -ELBO {rows[name]['test_neg_elbo']:.2f}"
+        print(f"  {name:<22} {rows[name]['seconds_per_epoch']:8.3f} s/epoch{elbo_txt}   setup "
+              f"{rows[name]['setup_seconds'][0]}", flush=True)
+    rows["matmul_ceiling"]["products"] = ("per step and linear layer: forward (addmm), weight gradient, input "
+                                          "gradient (not the first layer's); " + str(shapes))
+    for ref, key in (("dataloader_loop", "dataloader"), ("matmul_ceiling", "ceiling")):
+        base = rows[ref]["seconds_per_epoch"]
+        for row in rows.values():
+            row[f"ratio_to_{key}"] = row["seconds_per_epoch"] / base
+            if interleave:
+                # Epochs run back to back in the same round share the machine's state: their ratio is the fairer
+                # comparison when the machine's speed drifts during the run.
+                ref_epochs = rows[ref]["epoch_seconds"][0][1:]
+                paired = [a / b for a, b in zip(row["epoch_seconds"][0][1:], ref_epochs, strict=True)]
+                row[f"paired_ratio_to_{key}_median"] = statistics.median(paired)
+                if key == "dataloader":
+                    row["rounds_faster_than_dataloader"] = sum(r < 1 for r in paired)
 
     iwae = None
     n_iwae = args.iwae_images if args.iwae_images is not None else (len(test) if device.type == "cuda" else 100)
@@ -308,27 +381,47 @@ def main(argv=None) -> int:
         eval_model = runs["vaelib_eager"][-1][0] if "vaelib_eager" in runs else runs[names[-1]][-1][0]
         torch.manual_seed(0)
         iwae_nll(eval_model, test[:8], k=64)  # warm-up (allocator, kernels)
-        sync(device)
-        t0 = time.perf_counter()
-        nll = iwae_nll(eval_model, test[:n_iwae], k=args.iwae_k)
-        sync(device)
-        secs = time.perf_counter() - t0
+        iwae_ceiling_seconds(eval_model, 8, 64, device)
+        # In turns with its ceiling, a slice of the images at a time, the order reversed every other turn.
+        slices = [test[i:i + n_iwae // 4 or 1] for i in range(0, n_iwae, n_iwae // 4 or 1)]
+        secs = ceiling = 0.0
+        bounds = []
+        for turn, part in enumerate(slices):
+            for what in (("iwae", "ceiling") if turn % 2 == 0 else ("ceiling", "iwae")):
+                if what == "ceiling":
+                    ceiling += iwae_ceiling_seconds(eval_model, len(part), args.iwae_k, device)
+                    continue
+                sync(device)
+                t0 = time.perf_counter()
+                bounds.append(iwae_bounds(eval_model, part, k=args.iwae_k))
+                sync(device)
+                secs += time.perf_counter() - t0
+        nll = -torch.cat(bounds).mean().item()
+        scale = len(test) / n_iwae
         iwae = {"k": args.iwae_k, "images": n_iwae, "seconds": secs, "nll": nll,
-                "seconds_for_10000_images": secs * len(test) / n_iwae, "extrapolated": n_iwae < len(test)}
+                "seconds_for_10000_images": secs * scale, "extrapolated": n_iwae < len(test),
+                "ceiling_seconds": ceiling, "ceiling_seconds_for_10000_images": ceiling * scale,
+                "ratio_to_ceiling": secs / ceiling,
+                "ceiling": "forward products alone (addmm with bias): the encoder's linear layers on the images, "
+                           "the decoder's on k samples per image, 4096 rows at a time"}
         label = (f"extrapolated from {n_iwae} images" if iwae["extrapolated"] else "measured")
         print(f"  IWAE k={args.iwae_k}: {secs:.2f} s for {n_iwae} images -> "
-              f"{iwae['seconds_for_10000_images']:.1f} s for 10,000 ({label}); NLL {nll:.2f} nats", flush=True)
+              f"{iwae['seconds_for_10000_images']:.1f} s for 10,000 ({label}); NLL {nll:.2f} nats; "
+              f"{iwae['ratio_to_ceiling']:.2f}x its ceiling ({ceiling:.2f} s)", flush=True)
 
-    print("\n| trainer | path | s/epoch | ratio to DataLoader | setup s | test -ELBO |\n|---|---|---|---|---|---|")
+    print("\n| trainer | path | s/epoch | ratio to the ceiling | ratio to DataLoader | setup s | test -ELBO |\n"
+          "|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         setup = sum(row["setup_seconds"][0].values())
-        print(f"| {name} | {row['path']} | {row['seconds_per_epoch']:.3f} | {row['ratio_to_dataloader']:.2f} | "
-              f"{setup:.1f} | {row['test_neg_elbo']:.2f} |")
+        elbo_txt = "" if row["test_neg_elbo"] is None else f"{row['test_neg_elbo']:.2f}"
+        print(f"| {name} | {row['path']} | {row['seconds_per_epoch']:.3f} | {row['ratio_to_ceiling']:.2f} | "
+              f"{row['ratio_to_dataloader']:.2f} | {setup:.1f} | {elbo_txt} |")
     if interleave:
         for name, row in rows.items():
-            if name != "dataloader_loop":
-                print(f"{name}: median per-round ratio to the DataLoader loop {row['paired_ratio_median']:.2f}; "
-                      f"faster in {row['rounds_faster_than_dataloader']} of {args.epochs} rounds")
+            if name not in ("dataloader_loop", "matmul_ceiling"):
+                print(f"{name}: median per-round ratio to the ceiling {row['paired_ratio_to_ceiling_median']:.2f}, "
+                      f"to the DataLoader loop {row['paired_ratio_to_dataloader_median']:.2f}; faster than it in "
+                      f"{row['rounds_faster_than_dataloader']} of {args.epochs} rounds")
 
     result = {
         "device": device_name(device), "device_type": device.type, "date": started.isoformat(timespec="seconds"),
@@ -336,7 +429,8 @@ def main(argv=None) -> int:
         "load_average": {"before": load_before, "after": load_average()},
         "settings": {"dataset": "fashion-mnist", "model": "784-400-20 MLP, ReLU, Bernoulli decoder",
                      "batch_size": args.batch_size, "train_images": len(train),
-                     "optimizer": "Adam(lr=1e-3)" + (", fused" if device.type == "cuda" else ""),
+                     "optimizer": "Adam(lr=1e-3): torch's default in the DataLoader loop"
+                                  + (" (fused on CUDA)" if device.type == "cuda" else "") + ", fused in fit",
                      "loss": "BCE + analytic KL", "binarize": args.binarize, "epochs_timed": args.epochs,
                      "warmup_epochs": 1, "statistic": "median seconds per timed epoch (all repeats)",
                      "tf32": args.tf32, "threads": torch.get_num_threads(), "interleaved": interleave,

@@ -11,7 +11,9 @@ from torch import nn
 
 import vaelib.training as training
 from vaelib.cuda_graph import WARMUP_STEPS, GraphStepper
+from vaelib.errors import VaelibError
 from vaelib.models import build_vae
+from vaelib.objectives import elbo
 from vaelib.runs import CHECKPOINT_NAME, RunNotFoundError, load_checkpoint, load_run
 from vaelib.training import TrainingDivergedError, TrainingInterrupted, fit
 
@@ -681,3 +683,74 @@ def test_cuda_graph_on_a_device_that_is_not_current(data):
         result = fit(tiny_model(), data[0], epochs=2, batch_size=32, device="cuda:1", fast="graph", progress=False)
     assert result.fast == "graph" and next(result.model.parameters()).device == torch.device("cuda:1")
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_default_cpu_path_equals_the_plain_loop_to_float32_rounding(data):
+    """fit's default CPU path (fused Adam, one reused batch buffer, sums tallied on the device) trains as
+    pytorch/examples' loop written out here does (a fresh batch per step, torch's per-tensor Adam, the loss from
+    objectives.elbo), with the same draws: the same seeds, and torch.bernoulli for the binarisation. 150 images
+    in batches of 32 end in a partial batch, which the buffer must not pad."""
+    train = data[0][:150]
+    model = tiny_model(hidden=(64,))
+    plain = build_vae(**model.config)
+    plain.load_state_dict(model.state_dict())
+    result = fit(model, train, epochs=3, batch_size=32, lr=1e-2, binarize=True, seed=5, progress=False,
+                 device="cpu")
+    assert result.fast == "eager"
+
+    perm_gen, bin_gen = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    torch.manual_seed(5)
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=False, fused=False)
+    losses = []
+    for _ in range(3):
+        perm = torch.randperm(len(train), generator=perm_gen)
+        binary = torch.bernoulli(train, generator=bin_gen)
+        total = 0.0
+        for idx in perm.split(32):
+            terms = elbo(plain, binary[idx])
+            opt.zero_grad()
+            terms.loss().backward()
+            opt.step()
+            total += (terms.rec - terms.kl).sum().item()
+        losses.append(-total / len(train))
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert [row["train_loss"] for row in result.history] == pytest.approx(losses, rel=1e-5)
+
+
+def test_fit_many_gives_each_job_what_fit_gives_alone(data):
+    """Two worker processes, each job with its own settings and init seed: every result equals fit run alone
+    (on one thread, as the workers run), in the jobs' order; a failing job is named."""
+    train, test = data
+    jobs = [{"model": {"latent_dim": 2, "hidden": [16]}, "beta": 0.5, "init_seed": 1},
+            {"model": {"latent_dim": 3, "hidden": [8]}, "beta": 2.0, "seed": 4}]
+    results = training.fit_many(jobs, train, test, processes=2, epochs=2, batch_size=32, lr=1e-2, beta=1.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for job, result in zip(jobs, results, strict=True):
+            torch.manual_seed(job.get("init_seed", 0))
+            alone = fit(build_vae(**job["model"]), train, test, epochs=2, batch_size=32, lr=1e-2, beta=job["beta"],
+                        seed=job.get("seed", 0), progress=False, device="cpu")
+            assert_same_params(result.model, alone.model)
+            assert without_seconds(result.history) == without_seconds(alone.history)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(VaelibError, match="job 1: ValueError: beta must be >= 0"):
+        training.fit_many([jobs[0], {**jobs[1], "beta": -1.0}], train, processes=2, epochs=1)
+
+
+def test_set_cpu_threads_gives_the_cpu_one_thread_unless_told(monkeypatch):
+    from vaelib.config import THREADS_ENV, set_cpu_threads
+
+    saved = torch.get_num_threads()
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    try:
+        torch.set_num_threads(2)
+        assert set_cpu_threads("meta") == 2  # not the CPU: left alone
+        assert set_cpu_threads("cpu") == 1
+        monkeypatch.setenv(THREADS_ENV, "2")
+        assert set_cpu_threads("cpu") == 2
+        assert set_cpu_threads("cpu", threads=1) == 1
+    finally:
+        torch.set_num_threads(saved)

@@ -7,7 +7,7 @@ CUDA-graph stepper in :mod:`vaelib.cuda_graph`, its run directory in :mod:`vaeli
 import matplotlib).
 """
 
-from vaelib.config import DeviceUnavailableError, describe_run, pick, quick_mode, select_device
+from vaelib.config import DeviceUnavailableError, describe_run, pick, quick_mode, select_device, set_cpu_threads
 from vaelib.data import load_split
 from vaelib.evaluation import active_units, encode_means, evaluate_elbo, iwae_bounds, iwae_nll, kl_per_dimension
 from vaelib.models import VAE, build_vae
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "VAE", "DeviceUnavailableError", "__version__", "active_units", "build_vae", "describe_run", "elbo",
     "encode_means", "evaluate_elbo", "fit", "iwae_bound", "iwae_bounds", "iwae_nll", "kl_per_dimension", "load_run",
-    "load_split", "pick", "quick_mode", "select_device",
+    "load_split", "pick", "quick_mode", "select_device", "set_cpu_threads",
 ]

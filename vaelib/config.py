@@ -1,10 +1,12 @@
-"""Run-wide switches: quick mode and device selection."""
+"""Run-wide switches: quick mode, device selection, where a model lives, and the CPU thread count."""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
+from torch import nn
 
 from vaelib.errors import VaelibError
 
@@ -79,6 +81,45 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
     if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+#: Environment variable overriding :func:`set_cpu_threads`'s choice, e.g. VAELIB_THREADS=4 on an idle many-core
+#: machine.
+THREADS_ENV = "VAELIB_THREADS"
+
+
+def set_cpu_threads(device: torch.device | str | None = None, threads: int | None = None) -> int:
+    """Give torch one intra-op CPU thread (or ``threads``, or ``$VAELIB_THREADS``) when ``device`` is the CPU; a
+    GPU run is left alone. Returns torch's thread count.
+
+    Why one: torch splits every matrix product, and every elementwise op on more than ~32,000 numbers, across its
+    threads, and each such op ends at a barrier where the threads wait for the slowest. The book's networks are
+    small (a step of the 784-400-20 VAE is ~40 such ops of a few hundred microseconds), so when other processes
+    share the cores (CI's two cores, a laptop's browser, Colab's two vCPUs) a thread the scheduler has set aside
+    stalls every op: 100 steps under a load of about 3.5 on two cores took 21 s with two threads and 1.1 s with
+    one (torch.profiler, the matrix products alone 20x slower). On an idle machine two threads would make the
+    products ~1.5x faster, which is what ``$VAELIB_THREADS`` is for; several models are trained faster as one
+    process per core (:func:`vaelib.training.fit_many`).
+    """
+    device = select_device(device)
+    if device.type == "cpu":
+        chosen = threads or int(os.environ.get(THREADS_ENV, "").strip() or 1)
+        if chosen < 1:
+            raise ValueError(f"the thread count must be >= 1, got {chosen}")
+        torch.set_num_threads(chosen)
+    return torch.get_num_threads()
+
+
+def model_device(module: nn.Module) -> torch.device:
+    """Where a model's parameters (else its buffers) live; the CPU for a module with neither."""
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def model_dtype(module: nn.Module) -> torch.dtype | None:
+    """The floating-point dtype of a model's parameters (None for a module without parameters)."""
+    p = next(module.parameters(), None)
+    return None if p is None else p.dtype
 
 
 def describe_run() -> str:

@@ -31,7 +31,7 @@ def _batches(model, x: Tensor, batch_size: int):
         yield x[start:start + batch_size].to(device=device, dtype=dtype, non_blocking=True)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_elbo(model, x: Tensor, batch_size: int = 1000, kl: str | None = None) -> dict[str, float]:
     """Mean ELBO, reconstruction term and KL over ``x`` (one reparameterised sample per example).
 
@@ -46,7 +46,7 @@ def evaluate_elbo(model, x: Tensor, batch_size: int = 1000, kl: str | None = Non
     return dict(zip(("elbo", "rec", "kl"), means, strict=True))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def iwae_bounds(model, x: Tensor, k: int = 5000, batch_size: int | None = None,
                 max_elements: int | None = None) -> Tensor:
     """The IWAE bound of every example (shape (N,), float64 on the CPU), memory-bounded.

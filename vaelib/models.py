@@ -16,13 +16,13 @@ Densities come from :mod:`vaelib.distributions`, the one home for each formula.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from vaelib.config import model_device, model_dtype
 from vaelib.distributions import (
     LOG_2PI,
     kl_normal_std_normal,
@@ -31,6 +31,7 @@ from vaelib.distributions import (
     log_normal_diag,
     log_standard_normal,
 )
+from vaelib.objectives import elbo
 
 ARCHS = ("mlp", "conv", "linear", "burda")
 POSTERIORS = ("diagonal", "full")
@@ -60,18 +61,6 @@ def check_input(x: object, input_dim: int, name: str = "x", dtype: torch.dtype |
         raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters are {dtype}; "
                         f"convert it with {name}.to({dtype})")
     return x
-
-
-def model_device(module: nn.Module) -> torch.device:
-    """Where a model's parameters (else its buffers) live; the CPU for a module with neither."""
-    first = next(itertools.chain(module.parameters(), module.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-def model_dtype(module: nn.Module) -> torch.dtype | None:
-    """The floating-point dtype of a model's parameters (None for a module without parameters)."""
-    p = next(module.parameters(), None)
-    return None if p is None else p.dtype
 
 
 def mlp(sizes: Sequence[int], activation: str = "relu", final_activation: bool = False) -> nn.Sequential:
@@ -410,6 +399,10 @@ class _ConvDecoderNet(nn.Module):
 class StandardNormalPrior(nn.Module):
     """p(z) = N(0, I)."""
 
+    #: read by :mod:`vaelib.objectives` (which imports nothing from here): a q family's own closed-form KL to
+    #: N(0, I) applies under this prior
+    standard_normal = True
+
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -520,8 +513,6 @@ class VAE(nn.Module):
 
     def forward(self, x: Tensor, beta: float = 1.0, kl: str = "analytic"):
         """The ELBO terms of a batch: ``model(x).loss()`` is the training loss."""
-        from vaelib.objectives import elbo  # objectives imports nothing from here; keep the cycle lazy
-
         return elbo(self, x, beta=beta, kl=kl)
 
     @torch.no_grad()

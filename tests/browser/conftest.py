@@ -43,12 +43,10 @@ def site_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def browser():
-    playwright = pytest.importorskip("playwright.sync_api")
+def chromium() -> str:
+    """The Chromium binary (the test starts one and opens every page in it); playwright must be installed."""
+    pytest.importorskip("playwright.async_api")
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"Chromium not found at {CHROMIUM}: run `make browser` (as root: installs Debian's chromium), "
                     "or set VAELIB_CHROMIUM to a Chromium binary")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    return CHROMIUM

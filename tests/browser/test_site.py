@@ -1,25 +1,36 @@
 """The built site as a reader sees it: every page in headless Chromium, offline, on a desktop and a phone.
 
-Run by `make browser` after the book is built (part of `make test`). It fails on: a MathJax error or TeX left
+Run by `make browser` after the book is built (part of `make test`). One Chromium serves every page; the pages
+are loaded and inspected several at a time (each in a fresh context, as a new reader would open it), once, before
+the tests, which then judge each page's findings. It fails on: a MathJax error or TeX left
 unrendered, a console error, a request that leaves the machine, a broken image or internal link, a page wider
 than a 390 px phone, a display equation or table wider than the text column at 1400 px, an equation that runs
-under its number, and a search for "ELBO" that finds nothing.
+under its number, a search for "ELBO" that finds nothing, and a search for "exercise" that misses a chapter.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html.parser
+import os
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from .conftest import SITE
+from .conftest import CHROMIUM, CHROMIUM_ARGS, SITE
 
 DESKTOP = {"width": 1400, "height": 900}
 PHONE = {"width": 390, "height": 844}
 # The book as a PDF, copied into the site by `make pdf` (tests/test_pdf.py checks that the intro's link finds it).
 PDF_NAME = "vae-book.pdf"
+VIEWPORTS = {"desktop": DESKTOP, "phone": PHONE}
+#: pages open at once: a page spends most of its time in its own renderer process (layout, MathJax), so two per
+#: core keep the cores busy while the test waits on the others
+PARALLEL_PAGES = 2 * (os.cpu_count() or 1)
+SEARCH = "search.html?q=ELBO"
+#: every chapter ends with exercises, so the search finds them on every chapter's page
+SEARCH_EXERCISES = "search.html?q=exercise"
 
 
 
@@ -94,26 +105,62 @@ async () => {
 """
 
 
-def _open(browser, site_url: str, page_path: str, viewport: dict):
-    """Load a page with every request off this machine refused; collect console errors and refused URLs."""
-    context = browser.new_context(viewport=viewport)
-    refused: list[str] = []
+async def _visit(browser, site_url: str, page_path: str, viewport: dict, slots: asyncio.Semaphore) -> dict:
+    """Load a page in a fresh context with every request off this machine refused, and inspect it: INSPECT's
+    findings (the number of search hits for the search page), console errors and refused URLs."""
+    async with slots:
+        context = await browser.new_context(viewport=viewport)
+        refused: list[str] = []
+        errors: list[str] = []
 
-    def route(r):
-        host = urllib.parse.urlsplit(r.request.url).hostname
-        if host in ("127.0.0.1", "localhost"):
-            r.continue_()
-        else:
-            refused.append(r.request.url)
-            r.abort()
+        async def route(r):
+            host = urllib.parse.urlsplit(r.request.url).hostname
+            if host in ("127.0.0.1", "localhost"):
+                await r.continue_()
+            else:
+                refused.append(r.request.url)
+                await r.abort()
 
-    context.route("**/*", route)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{site_url}/{page_path}", wait_until="load")
-    return context, page, errors, refused
+        found = None
+        try:
+            await context.route("**/*", route)
+            page = await context.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(f"{site_url}/{page_path}", wait_until="load")
+            if page_path.startswith("search.html?"):
+                await page.wait_for_selector("#search-results ul.search li", timeout=20_000)
+                found = await page.locator("#search-results ul.search li").count()
+            else:
+                found = await page.evaluate(INSPECT)
+        except Exception as err:  # a page that does not load or a search that finds nothing: that page's failure
+            errors.append(f"{type(err).__name__}: {err}")
+        finally:
+            await context.close()
+        return {"found": found, "errors": errors, "refused": refused}
+
+
+async def _inspect_site(site_url: str) -> dict:
+    """Every page at both widths, and the search, in one Chromium, PARALLEL_PAGES at a time."""
+    from playwright.async_api import async_playwright
+
+    visits = [(path, name) for path in PAGES for name in VIEWPORTS] + [(SEARCH, "desktop"),
+                                                                      (SEARCH_EXERCISES, "desktop")]
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            slots = asyncio.Semaphore(PARALLEL_PAGES)
+            results = await asyncio.gather(*(_visit(browser, site_url, path, VIEWPORTS[name], slots)
+                                             for path, name in visits))
+        finally:
+            await browser.close()
+    return dict(zip(visits, results, strict=True))
+
+
+@pytest.fixture(scope="module")
+def inspected(chromium, site_url) -> dict:
+    """(page, viewport name) -> that visit's findings, errors and refused requests."""
+    return asyncio.run(_inspect_site(site_url))
 
 
 def _problems(found: dict, errors: list[str], refused: list[str], desktop: bool) -> list[str]:
@@ -135,25 +182,25 @@ def _problems(found: dict, errors: list[str], refused: list[str], desktop: bool)
 
 
 @pytest.mark.parametrize("page_path", PAGES)
-@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
-def test_page_renders(browser, site_url, page_path, viewport):
-    context, page, errors, refused = _open(browser, site_url, page_path, viewport)
-    try:
-        found = page.evaluate(INSPECT)
-    finally:
-        context.close()
-    problems = _problems(found, errors, refused, desktop=viewport is DESKTOP)
-    assert not problems, f"{page_path} at {viewport['width']} px:\n  " + "\n  ".join(problems)
+@pytest.mark.parametrize("viewport", list(VIEWPORTS))
+def test_page_renders(inspected, page_path, viewport):
+    visit = inspected[(page_path, viewport)]
+    width = VIEWPORTS[viewport]["width"]
+    assert visit["found"] is not None, f"{page_path} at {width} px did not load: {visit['errors']}"
+    problems = _problems(visit["found"], visit["errors"], visit["refused"], desktop=viewport == "desktop")
+    assert not problems, f"{page_path} at {width} px:\n  " + "\n  ".join(problems)
 
 
-def test_search_finds_elbo(browser, site_url):
-    context, page, errors, refused = _open(browser, site_url, "search.html?q=ELBO", DESKTOP)
-    try:
-        page.wait_for_selector("#search-results ul.search li", timeout=20_000)
-        hits = page.locator("#search-results ul.search li").count()
-    finally:
-        context.close()
-    assert hits > 0 and not errors and not refused, (hits, errors, refused)
+def test_search_finds_elbo(inspected):
+    visit = inspected[(SEARCH, "desktop")]
+    assert visit["found"] and not visit["errors"] and not visit["refused"], visit
+
+
+def test_search_finds_every_chapters_exercises(inspected):
+    chapters = [p for p in PAGES if p.startswith("chapters/")]
+    visit = inspected[(SEARCH_EXERCISES, "desktop")]
+    assert not visit["errors"] and not visit["refused"], visit
+    assert (visit["found"] or 0) >= len(chapters), f"a search for 'exercise' finds {visit['found']} pages"
 
 
 class _Links(html.parser.HTMLParser):
@@ -183,10 +230,16 @@ def _parse(path: Path) -> _Links:
 def test_internal_links_resolve():
     """Every relative link, image and asset points at a file of the site, and every #anchor exists there."""
     parsed: dict[Path, _Links] = {}
+
+    def links_of(path: Path) -> _Links:  # each page parsed once (setdefault would parse it at every link)
+        if path not in parsed:
+            parsed[path] = _parse(path)
+        return parsed[path]
+
     broken = []
     for page_path in PAGES:
-        page = SITE / page_path
-        links = parsed.setdefault(page, _parse(page))
+        page = (SITE / page_path).resolve()
+        links = links_of(page)
         for href in links.links:
             split = urllib.parse.urlsplit(href)
             if split.scheme or href.startswith(("//", "mailto:", "javascript:")):
@@ -200,7 +253,7 @@ def test_internal_links_resolve():
                 broken.append(f"{page_path}: {href} (no such file)")
                 continue
             if split.fragment and target.suffix == ".html":
-                ids = parsed.setdefault(target, _parse(target)).ids
+                ids = links_of(target).ids
                 if urllib.parse.unquote(split.fragment) not in ids:
                     broken.append(f"{page_path}: {href} (no such anchor)")
     assert not broken, "\n".join(broken)
