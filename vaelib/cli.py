@@ -115,7 +115,7 @@ def _option(dest: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from vaelib.models import ACTIVATIONS, ARCHS, LIKELIHOODS, POSTERIORS, PRIORS
-    from vaelib.objectives import OBJECTIVES
+    from vaelib.objectives import CPU_MAX_ELEMENTS, CUDA_MAX_ELEMENTS, OBJECTIVES
     from vaelib.training import FAST_MODES
 
     parser = _OneLineParser(prog="python -m vaelib", description="Train, evaluate and locate data for VAEs.")
@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cpu, cuda, cuda:N or mps (default: $VAELIB_DEVICE, else cuda > mps > cpu)")
     ev.add_argument("--seed", type=_seed, default=0, help="seed of the Monte-Carlo estimates (default: %(default)s)")
     ev.add_argument("--max-elements", type=_positive_int, default=None, metavar="N",
-                    help="memory bound: decoder outputs per IWAE chunk (default: 2^27 on CUDA, 2^24 on CPU)")
+                    help=f"memory bound: decoder outputs per IWAE chunk (default: {CUDA_MAX_ELEMENTS:,} on CUDA, "
+                         f"{CPU_MAX_ELEMENTS:,} elsewhere)")
     ev.add_argument("--ais", action="store_true",
                     help="also estimate log p(x) by annealed importance sampling (costly: see --ais-images)")
     ev.add_argument("--ais-steps", type=_positive_int, default=500, metavar="T",
@@ -349,8 +350,10 @@ def _check_saved_options(saved: dict, where: str) -> None:
 def _memory_hint(args) -> str:
     """The option that most likely made the work too large: of those that size it, the one given furthest above
     its default."""
+    from vaelib.objectives import CPU_MAX_ELEMENTS
+
     sizes = {"train": (("latent", 20), ("hidden", 400), ("pseudo_inputs", 500), ("k", 1), ("batch_size", 128)),
-             "eval": (("ais_chains", 16), ("ais_images", 100), ("iwae_k", 5000), ("max_elements", 2**24),
+             "eval": (("ais_chains", 16), ("ais_images", 100), ("iwae_k", 5000), ("max_elements", CPU_MAX_ELEMENTS),
                       ("iwae_images", 10000), ("test_size", 10000))}.get(args.command, ())
 
     def ratio(dest: str, default: int) -> float:

@@ -117,12 +117,16 @@ def log_importance_weights(model, x: Tensor, k: int, stats: tuple[Tensor, ...] |
     return model.decoder.log_prob(x, z) + model.prior.log_prob(z) - model.encoder.log_prob(x, z, stats=stats)
 
 
+#: IWAE chunk bounds (decoder outputs per chunk) on a CUDA device and elsewhere; see :func:`default_max_elements`.
+CUDA_MAX_ELEMENTS, CPU_MAX_ELEMENTS = 2**27, 2**20
+
+
 def default_max_elements(device: torch.device) -> int:
     """The IWAE chunk bound: decoder outputs in one (chunk, batch, input_dim) tensor, 2^27 (512 MiB of float32)
     on a GPU; elsewhere 2^20 (4 MiB), sized for a CPU's cache: the likelihood's elementwise passes over the chunk
     then read it from cache, not memory (k = 5000 on a 784-400-20 model: 1.3x its matrix products' time, against
     4.4x with 64 MiB chunks; benchmarks/train_speed.py measures it)."""
-    return 2**27 if device.type == "cuda" else 2**20
+    return CUDA_MAX_ELEMENTS if device.type == "cuda" else CPU_MAX_ELEMENTS
 
 
 def default_chunk(k: int, batch: int, input_dim: int, max_elements: int) -> int:
@@ -157,6 +161,7 @@ def iwae_bound(model, x: Tensor, k: int = 50, chunk: int | None = None, max_elem
     return torch.logsumexp(torch.stack(partial), dim=0) - math.log(k)
 
 
-__all__ = ["OBJECTIVES", "ElboTerms", "KL_ESTIMATORS", "analytic_kl", "default_chunk", "default_kl",
+__all__ = ["CPU_MAX_ELEMENTS", "CUDA_MAX_ELEMENTS", "OBJECTIVES", "ElboTerms",
+           "KL_ESTIMATORS", "analytic_kl", "default_chunk", "default_kl",
            "default_max_elements", "elbo", "has_analytic_kl", "iwae_bound", "kl_warmup", "log_importance_weights",
            "to_model"]
