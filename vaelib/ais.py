@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vaelib.models import model_device, model_dtype
+from vaelib.config import model_device, model_dtype
 
 STARTS = ("prior", "encoder")
 TRANSITIONS = ("hmc", "mala")

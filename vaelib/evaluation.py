@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vaelib.config import model_device, model_dtype
 from vaelib.errors import InvalidInputError
-from vaelib.models import check_input, model_device, model_dtype
+from vaelib.models import check_input
 from vaelib.objectives import default_chunk, default_kl, default_max_elements, elbo, iwae_bound
 
 

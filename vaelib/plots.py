@@ -11,8 +11,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from vaelib.config import model_device
 from vaelib.evaluation import encode_means
-from vaelib.models import model_device
 
 
 def _to_images(images, image_shape: Sequence[int] | None) -> np.ndarray:

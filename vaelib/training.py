@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vaelib.config import select_device
+from vaelib.config import model_dtype, select_device
 from vaelib.cuda_graph import GraphStepper
 from vaelib.data import dynamic_binarize
 from vaelib.errors import VaelibError, is_out_of_memory
 from vaelib.evaluation import evaluate_elbo
-from vaelib.models import VAE, Likelihood, build_vae, check_input, model_dtype
+from vaelib.models import VAE, Likelihood, build_vae, check_input
 from vaelib.objectives import KL_ESTIMATORS, OBJECTIVES, default_kl, elbo, has_analytic_kl, iwae_bound, kl_warmup
 from vaelib.runs import CHECKPOINT_FORMAT, RunDirectory, check_resumable, clone_tree, data_fingerprint
 
