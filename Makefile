@@ -94,8 +94,9 @@ notebooks: venv data
 	  env -u VAELIB_QUICK $(BIN)/jupyter execute --inplace --timeout=3600 book/chapters/$$nb.ipynb; \
 	done
 
-## exercises: carry each .md into its .ipynb (keeping the stored outputs), then execute only its exercises (the setup and device cells, then
-## the "## Exercises" section) in a fresh kernel in FULL mode, storing their outputs. NB=stem for one.
+## exercises: carry each .md into its .ipynb (keeping the stored outputs), then execute only its exercises (the
+## setup and device cells, then the "## Exercises" section) in a fresh kernel in FULL mode, storing their outputs.
+## NB=stem for one.
 exercises: venv data
 	for nb in $(NB); do \
 	  $(TO_IPYNB); \
