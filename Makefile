@@ -18,7 +18,7 @@ QUIET_PIP := sed -u '/is ignored: it is neither a file nor a directory/d'
 # Tests, notebooks and the book import this checkout's vaelib, whichever checkout the venv was installed from.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH),)
 
-.PHONY: book test pdf notebooks exercises data venv lint pairs unit nbval book-strict browser benchmark scrub clean
+.PHONY: book test pdf notebooks exercises data venv lint pairs unit nbval book-strict browser benchmark scrub clean reference
 
 # MathJax is served from the site (no CDN): the official npm package's browser bundles, fetched once.
 MATHJAX_VERSION := 3.2.2
@@ -115,3 +115,9 @@ scrub: venv
 
 clean:
 	rm -rf book/_build .pytest_cache
+
+## reference: train (or continue) the book's reference models and export them to vaelib/weights (NAME=... for some;
+## about 80 minutes for all on two idle cores), then measure their test figures
+reference: venv data
+	$(PY) -m vaelib reference train $(NAME)
+	$(PY) -m vaelib reference evaluate $(NAME)

@@ -214,12 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ais-transition", choices=("hmc", "mala"), default="hmc",
                     help="AIS transition: HMC (10 leapfrog steps) or MALA (default: %(default)s)")
 
+    ref = sub.add_parser("reference", help="train, evaluate or list the book's reference models",
+                         description="The book's reference models (vaelib.reference): trained to convergence once, "
+                                     "shipped in vaelib/weights.")
+    ref_sub = ref.add_subparsers(dest="action", required=True, parser_class=_OneLineParser, metavar="ACTION")
+    rt = ref_sub.add_parser("train", help="train (or continue) reference models and export their best epochs")
+    rt.add_argument("names", nargs="*", metavar="NAME", help="models to train (default: all)")
+    rt.add_argument("--processes", type=int, default=None, help="models trained at once (default: one per core)")
+    rt.add_argument("--runs", default=None, help="folder of the run directories (default: runs/reference)")
+    re_ = ref_sub.add_parser("evaluate", help="test -ELBO and the k = 5000 IWAE NLL of stored reference models")
+    re_.add_argument("names", nargs="*", metavar="NAME", help="models to evaluate (default: all)")
+    ref_sub.add_parser("list", help="the registry, with each stored model's figures")
+    ref.add_argument("--data-root", default=None, help="folder holding the data set (default: the search path)")
+
     da = sub.add_parser("data", help="locate and verify (or download) a data set and print its folder",
                         description="Locate the four IDX files, verify their checksums and print the folder.")
     da.add_argument("name", metavar="NAME", help="fashion-mnist or mnist")
     da.add_argument("--root", metavar="DIR", help="look here first (and download here with --download)")
     da.add_argument("--download", action="store_true", help="download through torchvision if missing")
-    for command in (tr, ev, da):
+    for command in (tr, ev, da, ref):
         command.add_argument("--debug", action="store_true", help="on an error, also print the traceback")
     return parser
 
@@ -595,6 +608,38 @@ def _one_line_warnings(prefix: str):
     return show
 
 
+def cmd_reference(args) -> int:
+    from vaelib import reference
+
+    names = list(getattr(args, "names", None) or reference.REFERENCES)
+    for name in names:
+        reference.spec(name)  # an unknown name is one line before anything starts
+    if args.action == "train":
+        runs = args.runs or reference.RUNS_DIR
+        results = reference.train(names, args.processes, runs, args.data_root,
+                                  log=lambda line: print(line, flush=True))
+        failed = [r["name"] for r in results if "error" in r or r.get("interrupted")]
+        if failed:
+            raise reference.ReferenceError(f"not finished: {', '.join(failed)}; run the same command to continue")
+        return 0
+    if args.action == "evaluate":
+        for name in names:
+            r = reference.evaluate(name, data_root=args.data_root)
+            print(f"{name:>14}  test -ELBO {r['neg_elbo']:.2f} ± {r['neg_elbo_se']:.2f}  NLL (k = {r['nll_k']}, "
+                  f"{r['nll_n']} images) {r['nll']:.2f} ± {r['nll_se']:.2f}  ({r['seconds']:.0f} s)", flush=True)
+        return 0
+    for name, s in reference.REFERENCES.items():
+        try:
+            stored = reference.info(name)["reference"]
+            test = reference.test_results(name) or {}
+            figures = (f"best epoch {stored['best_epoch']}/{s.epochs}, converged {stored['converged']}"
+                       + (f", test -ELBO {test['neg_elbo']:.2f}, NLL {test['nll']:.2f}" if test else ""))
+        except reference.ReferenceError:
+            figures = "not trained"
+        print(f"{name:>14}  ch. {','.join(map(str, s.chapters)):<9} {s.summary}: {figures}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -604,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     args.argv = argv
 
-    command = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command]
+    command = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "reference": cmd_reference}[args.command]
     prefix = f"vaelib {args.command}"
 
     def fail(message: str, code: int = EXIT_ERROR) -> int:
