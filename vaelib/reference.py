@@ -289,9 +289,10 @@ def _commit() -> str:
 def export(name: str, runs_dir: str | os.PathLike = RUNS_DIR, weights_dir: Path | None = None) -> Path:
     """Copy a finished run's best epoch to the package: model.safetensors, run.json (with the spec, the best epoch
     and the convergence measure) and history.json; record the SHA-256 in the registry."""
+    from filelock import FileLock
     from safetensors import safe_open
 
-    from vaelib.runs import read_json, read_run_json, write_json
+    from vaelib.runs import atomic_write, read_json, read_run_json, write_json
 
     s = spec(name)
     run_dir = Path(runs_dir) / name
@@ -314,15 +315,16 @@ def export(name: str, runs_dir: str | os.PathLike = RUNS_DIR, weights_dir: Path 
     out = weights_dir / name
     out.mkdir(parents=True, exist_ok=True)
     payload = (run_dir / BEST_FILE).read_bytes()
-    (out / MODEL_FILE).write_bytes(payload)
+    atomic_write(out / MODEL_FILE, lambda fh: fh.write(payload))
     write_json(out / HISTORY_FILE, {"history": history, "valid": rows})
     write_json(out / RUN_FILE, {**run, "reference": {
         "spec": s.as_dict(), "best_epoch": rows[best]["epoch"], "best_valid_loss": losses[best],
         "plateau_gain": plateau_gain(losses), "converged": converged(losses),
         "train_seconds": sum(r["seconds"] for r in rows), "n_train": N_TRAIN, "n_valid": N_VALID}})
-    registry = _read_registry(weights_dir)
-    registry[name] = {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
-    write_json(weights_dir / "registry.json", dict(sorted(registry.items())))
+    with FileLock(str(weights_dir / ".registry.lock")):  # models finishing at once must not lose an entry
+        registry = _read_registry(weights_dir)
+        registry[name] = {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+        write_json(weights_dir / "registry.json", dict(sorted(registry.items())))
     return out
 
 
