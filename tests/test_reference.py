@@ -195,3 +195,11 @@ def test_spec_fields_are_recorded(tiny, tmp_path):
     weights = _train(tmp_path)
     spec = reference.info("tiny", weights)["reference"]["spec"]
     assert spec == json.loads(json.dumps(dataclasses.asdict(tiny) | {"chapters": [0]}))
+
+
+def test_readme_table_is_the_registry():
+    """The README's table of reference models is what `python -m vaelib reference list` prints now."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [line for line in reference.table() if line not in readme]
+    assert not missing, "README.md's reference table is stale; paste `python -m vaelib reference list`:\n" + \
+        "\n".join(missing)

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--runs", default=None, help="folder of the run directories (default: runs/reference)")
     re_ = ref_sub.add_parser("evaluate", help="test -ELBO and the k = 5000 IWAE NLL of stored reference models")
     re_.add_argument("names", nargs="*", metavar="NAME", help="models to evaluate (default: all)")
-    ref_sub.add_parser("list", help="the registry, with each stored model's figures")
+    ref_sub.add_parser("list", help="the registry as a Markdown table, with each stored model's figures")
     ref.add_argument("--data-root", default=None, help="folder holding the data set (default: the search path)")
 
     da = sub.add_parser("data", help="locate and verify (or download) a data set and print its folder",
@@ -628,15 +628,7 @@ def cmd_reference(args) -> int:
             print(f"{name:>14}  test -ELBO {r['neg_elbo']:.2f} ± {r['neg_elbo_se']:.2f}  NLL (k = {r['nll_k']}, "
                   f"{r['nll_n']} images) {r['nll']:.2f} ± {r['nll_se']:.2f}  ({r['seconds']:.0f} s)", flush=True)
         return 0
-    for name, s in reference.REFERENCES.items():
-        try:
-            stored = reference.info(name)["reference"]
-            test = reference.test_results(name) or {}
-            figures = (f"best epoch {stored['best_epoch']}/{s.epochs}, converged {stored['converged']}"
-                       + (f", test -ELBO {test['neg_elbo']:.2f}, NLL {test['nll']:.2f}" if test else ""))
-        except reference.ReferenceError:
-            figures = "not trained"
-        print(f"{name:>14}  ch. {','.join(map(str, s.chapters)):<9} {s.summary}: {figures}")
+    print("\n".join(reference.table()))
     return 0
 
 

@@ -453,6 +453,27 @@ def evaluate(name: str, weights_dir: Path | None = None, data_root=None, n_nll: 
     return result
 
 
+def table(weights_dir: Path | None = None) -> list[str]:
+    """The registry as a Markdown table (the README's): each model, its chapters, its best epoch of its epochs and
+    whether the plateau criterion held, its test figures with standard errors and its training time here."""
+    lines = ["| model | what it is | chapters | best epoch / epochs (converged) | test −ELBO | test NLL, "
+             f"k = {NLL_K} (first {N_NLL_IMAGES:,} images) | training time |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in REFERENCES.items():
+        try:
+            stored = info(name, weights_dir)["reference"]
+        except ReferenceError:
+            lines.append(f"| `{name}` | {s.summary} | {', '.join(map(str, s.chapters))} | not trained | | | |")
+            continue
+        test = test_results(name, weights_dir) or {}
+        elbo_text = f"{test['neg_elbo']:.2f} ± {test['neg_elbo_se']:.2f}" if test else "not measured"
+        nll_text = f"{test['nll']:.2f} ± {test['nll_se']:.2f}" if test else "not measured"
+        lines.append(f"| `{name}` | {s.summary} | {', '.join(map(str, s.chapters))} | {stored['best_epoch']} / "
+                     f"{s.epochs} ({'yes' if stored['converged'] else 'no'}) | {elbo_text} | {nll_text} | "
+                     f"{stored['train_seconds'] / 60:.0f} min |")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------- many at once
 def _worker(job: tuple) -> dict:
     name, runs_dir, threads, data_root, weights_dir = job
