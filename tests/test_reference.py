@@ -203,3 +203,17 @@ def test_readme_table_is_the_registry():
     missing = [line for line in reference.table() if line not in readme]
     assert not missing, "README.md's reference table is stale; paste `python -m vaelib reference list`:\n" + \
         "\n".join(missing)
+
+
+def test_every_shipped_file_is_package_data():
+    """What `pip install` of the repository carries (Colab's route to the weights): every file under
+    vaelib/weights matches a package-data pattern of pyproject.toml."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vaelib"]
+    shipped = [p.relative_to(root / "vaelib").as_posix() for p in (root / "vaelib" / "weights").rglob("*")
+               if p.is_file() and not p.name.startswith(".")]
+    assert all(any(fnmatch.fnmatch(p, pat) for pat in patterns) for p in shipped), shipped
+    assert any(fnmatch.fnmatch("weights/burda/model.safetensors", pat) for pat in patterns)
