@@ -153,3 +153,8 @@ def test_fit_many_jobs_change_the_common_settings(data):
     results = fit_many(jobs, data[0], processes=1, settings=common)
     assert [r.history[-1]["beta"] for r in results] == [0.5, 2.0]
     assert [len(r.history) for r in results] == [1, 1]
+
+
+def test_record_of_a_truthy_binarize_is_a_bool():  # as fit recorded bool(binarize) before TrainSettings
+    record = TrainSettings(binarize=1, kl="mc").recorded(n_train=3, data="d")
+    assert record["binarize"] is True and list(record) == [name for name, _ in GOLDEN["elbo"][1]]
