@@ -158,3 +158,29 @@ def test_fit_many_jobs_change_the_common_settings(data):
 def test_record_of_a_truthy_binarize_is_a_bool():  # as fit recorded bool(binarize) before TrainSettings
     record = TrainSettings(binarize=1, kl="mc").recorded(n_train=3, data="d")
     assert record["binarize"] is True and list(record) == [name for name, _ in GOLDEN["elbo"][1]]
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (["--epochs", "3", "--batch-size", "7", "--lr", "0.01", "--lr-final", "0.001", "--beta", "2", "--warmup-epochs",
+      "1", "--binarize", "dynamic", "--seed", "5", "--kl", "mc", "--checkpoint-every", "4"],
+     TrainSettings(epochs=3, batch_size=7, lr=0.01, lr_final=0.001, beta=2.0, warmup_epochs=1, binarize=True, seed=5,
+                   kl="mc", checkpoint_every=4)),
+    (["--binarize", "threshold", "--objective", "iwae", "--k", "5"],  # thresholded data are fixed: no redraws
+     TrainSettings(objective="iwae", k=5)),
+    ([], TrainSettings()),  # the CLI's defaults are fit's
+])
+def test_cli_builds_the_settings_from_its_options(options, expected):
+    from vaelib.cli import _train_settings, build_parser
+
+    assert _train_settings(build_parser().parse_args(["train", "--out", "x", *options])) == expected
+
+
+def test_cli_refuses_bad_settings_before_reading_data(tmp_path, monkeypatch, capsys):
+    """A combination only TrainSettings judges is one line (exit 2), before any data are looked for."""
+    import vaelib.cli as cli
+    import vaelib.data
+
+    monkeypatch.setattr(cli, "_check_train_combinations", lambda args: None)  # the CLI's own words for these
+    monkeypatch.setattr(vaelib.data, "load_split", lambda *a, **k: pytest.fail("data read before the check"))
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--k", "3", "--device", "cpu"]) == 2
+    assert "k=3 is the IWAE bound's number of samples" in capsys.readouterr().err
