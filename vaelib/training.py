@@ -1,5 +1,8 @@
 """Training: :func:`fit` (device choice, seeding, resident data, NaN detection, bit-for-bit resume).
 
+What defines a run (epochs, lr, beta, objective...) is one :class:`vaelib.settings.TrainSettings`, checked once;
+fit takes it, or builds it from the same names given as keywords.
+
 One step, :func:`train_step` (forward, backward, optimizer update, tally), runs on every path: eagerly in
 :func:`train_epoch` (pytorch/examples' ``train()``), or captured once as a CUDA graph and replayed
 (:class:`vaelib.cuda_graph.GraphStepper`, ``fast="graph"``; what ``fast="auto"`` takes on CUDA for a plain
@@ -771,6 +774,6 @@ def _progress_bar(progress: bool, start: int, total: int):
     return tqdm(total=total, initial=start, desc="train", unit="epoch")
 
 
-__all__ = ["FAST_MODES", "GRAPH_MODES", "FitResult", "TrainingDivergedError", "TrainingInterrupted",
+__all__ = ["FAST_MODES", "GRAPH_MODES", "FitResult", "TrainSettings", "TrainingDivergedError", "TrainingInterrupted",
            "TrainingOutOfMemory", "fit", "fit_many",
            "graph_safe", "lr_at_epoch", "train_epoch", "train_step"]
