@@ -400,6 +400,17 @@ def _check_train_combinations(args) -> None:
         raise CommandLineError("--prior vamp has no closed-form KL; use --kl mc (the default for it)")
 
 
+def _train_settings(args):
+    """The run's settings (:class:`vaelib.settings.TrainSettings`) from the train options: the one object fit
+    trains by, records in run.json and compares with the run's on --resume."""
+    from vaelib.settings import TrainSettings
+
+    return TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lr_final=args.lr_final,
+                         beta=args.beta, warmup_epochs=args.warmup_epochs, binarize=args.binarize == "dynamic",
+                         seed=args.seed, kl=args.kl, objective=args.objective, k=args.k,
+                         checkpoint_every=args.checkpoint_every)
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -414,6 +425,7 @@ def cmd_train(args) -> int:
     root_given = args.data_root is not None
     config = _resume_options(args, out) if args.resume else {}
     _check_train_combinations(args)
+    settings = _train_settings(args)  # checked now, before any data are read
     if args.data_root is not None:  # stored absolute: eval and resume may run from another working directory
         args.data_root = os.path.abspath(args.data_root)
     recorded_in = out if args.resume and not root_given else None
@@ -436,16 +448,12 @@ def cmd_train(args) -> int:
                 "binarize": args.binarize, "train_size": args.train_size, "test_size": args.test_size,
                 "seed": args.seed, "options": options, "command": "python -m vaelib " + shlex.join(args.argv)}
     try:
-        result = fit(model, train_x, test_x, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     lr_final=args.lr_final, beta=args.beta, warmup_epochs=args.warmup_epochs,
-                     binarize=args.binarize == "dynamic", device=device, seed=args.seed, out_dir=out,
-                     resume=args.resume, overwrite=args.overwrite, fast=args.fast, progress=not args.no_progress,
-                     checkpoint_every=args.checkpoint_every, kl=args.kl, objective=args.objective, k=args.k,
-                     run_info=run_info)
+        result = fit(model, train_x, test_x, settings, device=device, out_dir=out, resume=args.resume,
+                     overwrite=args.overwrite, fast=args.fast, progress=not args.no_progress, run_info=run_info)
     except TrainingDivergedError as err:
-        if err.checkpoint is None or args.beta > torch.finfo(torch.float32).max:
+        if err.checkpoint is None or settings.beta > torch.finfo(torch.float32).max:
             raise
-        lr = args.lr / 10  # a resume may lower --lr (see --resume's help): what to try first
+        lr = settings.lr / 10  # a resume may lower --lr (see --resume's help): what to try first
         raise TrainingDivergedError(f"{err} Continue from it with a smaller step, e.g.: python -m vaelib train --out "
                                     f"{shlex.quote(str(out))} --resume --lr {lr:g}", err.epoch, err.step,
                                     err.checkpoint, err.history) from None
@@ -457,8 +465,8 @@ def cmd_train(args) -> int:
                 else f"error: {_memory_hint(args)}")
         print(f"vaelib train: {what}; {where}. Resume with: python -m vaelib {shlex.join(argv)}", file=sys.stderr)
         return _interrupted_exit_code() if isinstance(stop, TrainingInterrupted) else EXIT_ERROR
-    if args.resume and result.resumed_from >= args.epochs:
-        print(f"nothing to train: the run in {args.out} has {result.resumed_from} of --epochs {args.epochs} epochs "
+    if args.resume and result.resumed_from >= settings.epochs:
+        print(f"nothing to train: the run in {args.out} has {result.resumed_from} of --epochs {settings.epochs} epochs "
               "already (give a larger --epochs to continue it)")
         return EXIT_OK
     last = result.history[-1] if result.history else {}

@@ -389,7 +389,9 @@ def data_fingerprint(x: Tensor) -> str:
 
 def check_resumable(ckpt: dict, config: dict, settings: dict) -> None:
     """Refuse to resume unless the model and every setting that defines the run (all but CHANGEABLE_ON_RESUME)
-    equal the checkpoint's; the error lists each difference."""
+    equal the checkpoint's; the error lists each difference. ``settings`` is the run's record
+    (:meth:`vaelib.settings.TrainSettings.recorded`, what run.json holds); a key absent from either side is not
+    compared (a checkpoint of format 1 holds fewer)."""
     differences: list[tuple[str, object, object]] = []
     saved_config = ckpt.get("model_config") or {}
     if config and saved_config:

@@ -1,5 +1,8 @@
 """Training: :func:`fit` (device choice, seeding, resident data, NaN detection, bit-for-bit resume).
 
+What defines a run (epochs, lr, beta, objective...) is one :class:`vaelib.settings.TrainSettings`, checked once;
+fit takes it, or builds it from the same names given as keywords.
+
 One step, :func:`train_step` (forward, backward, optimizer update, tally), runs on every path: eagerly in
 :func:`train_epoch` (pytorch/examples' ``train()``), or captured once as a CUDA graph and replayed
 (:class:`vaelib.cuda_graph.GraphStepper`, ``fast="graph"``; what ``fast="auto"`` takes on CUDA for a plain
@@ -38,8 +41,9 @@ from vaelib.data import dynamic_binarize
 from vaelib.errors import VaelibError, is_out_of_memory
 from vaelib.evaluation import evaluate_elbo
 from vaelib.models import VAE, Likelihood, build_vae, check_input
-from vaelib.objectives import KL_ESTIMATORS, OBJECTIVES, default_kl, elbo, has_analytic_kl, iwae_bound, kl_warmup
+from vaelib.objectives import elbo, iwae_bound, kl_warmup
 from vaelib.runs import CHECKPOINT_FORMAT, RunDirectory, check_resumable, clone_tree, data_fingerprint
+from vaelib.settings import TrainSettings
 
 FAST_MODES = ("auto", "eager", "graph", "compile", "graph-compile")
 GRAPH_MODES = ("graph", "graph-compile")
@@ -349,44 +353,26 @@ def fit(
     model: nn.Module,
     train_x: Tensor,
     test_x: Tensor | None = None,
+    settings: TrainSettings | None = None,
     *,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    lr_final: float | None = None,
-    beta: float = 1.0,
-    warmup_epochs: int = 0,
-    binarize: bool = False,
-    device: str | torch.device | None = None,
-    seed: int = 0,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    device: str | torch.device | None = None,
     fast: str | bool = "auto",
     progress: bool = True,
-    checkpoint_every: int = 1,
-    kl: str | None = None,
-    objective: str = "elbo",
-    k: int | None = None,
     optimizer=None,
     resident: bool | None = None,
-    eval_batch_size: int = 1000,
     run_info: dict | None = None,
     callback=None,
     tf32: bool | None = False,
+    **setting_values,
 ) -> FitResult:
     """Train ``model`` on ``train_x`` (N, input_dim) by minimising -(rec - beta_t * kl), or -L_k, with Adam.
 
-    epochs: the total number of epochs (when resuming, training continues up to this number).
-    lr, lr_final: Adam's step size; with lr_final it decays geometrically from lr (first epoch) to lr_final (last
-      epoch), also for an ``optimizer`` factory's optimizer (:func:`lr_at_epoch`).
-    beta, warmup_epochs: the KL weight and its linear warm-up (:func:`vaelib.objectives.kl_warmup`).
-    kl: the KL estimator, "analytic" or "mc"; default "analytic" where a closed form exists and "mc" otherwise
-      (a VampPrior: :func:`vaelib.objectives.default_kl`). It also sets the test ELBO of the history.
-    objective: "elbo", or "iwae": the k-sample bound L_k of Burda et al. (2015) (:func:`vaelib.objectives.iwae_bound`)
-      with ``k`` importance samples per example (k = 1 is the ELBO with kl="mc"); beta and warm-up do not apply.
-      Its history rows hold ``train_iwae_bound`` (the mean L_k) in place of train_rec/train_kl.
-    binarize: True redraws Bernoulli(x) binary data every epoch (Burda et al. 2015); data must be in [0, 1].
+    settings: what defines the run (:class:`vaelib.settings.TrainSettings`: epochs, batch_size, lr, lr_final, beta,
+      warmup_epochs, binarize, seed, kl, objective, k, checkpoint_every, eval_batch_size); or give those as keywords
+      (``fit(model, x, epochs=5, lr=3e-4)``), which build it. Not both.
     device: None picks $VAELIB_DEVICE, else cuda > mps > cpu (:func:`vaelib.config.select_device`); a device that
       is not there is an error. train_x and test_x may live on any device.
     fast: "auto", "eager", "graph" (the step captured once as a CUDA graph and replayed, :mod:`vaelib.cuda_graph`),
@@ -401,11 +387,10 @@ def fit(
       writer gets RunLockedError. A directory that holds a run is refused (RunExistsError) unless resume=True
       continues it — with the same settings, all but epochs and checkpoint_every (RunMismatchError otherwise) —
       or overwrite=True replaces it (the old run's files go once the new run's first checkpoint is written).
-    checkpoint_every: write the checkpoint every this many epochs (and after the last one, on Ctrl-C and when
-      training diverges: no finished epoch is lost).
     optimizer: optional ``params -> torch.optim.Optimizer`` factory replacing Adam(lr).
     resident: keep the data on the device (default: when it fits, which MNIST-size data does); data kept on the
       host reach a GPU through pinned memory.
+    run_info: what the run was trained on (data set, options...), recorded in run.json and the checkpoint.
     callback: optional ``callback(row, model)`` called after each epoch with its history row.
     tf32: TF32 for float32 matmuls and cuDNN convolutions on CUDA, the same on every path (default off: float32
       throughout, so the paths and the CPU agree to float32 rounding; on for ~15 % more speed on the graph path).
@@ -415,105 +400,36 @@ def fit(
     continue with a smaller lr), TrainingInterrupted (a KeyboardInterrupt) on Ctrl-C and TrainingOutOfMemory when
     memory runs out, both after saving a resumable checkpoint.
     """
-    if not isinstance(model, nn.Module) or not hasattr(model, "encoder") or not hasattr(model, "decoder"):
-        raise TypeError(f"model must be a VAE-like nn.Module with .encoder/.decoder/.prior, got {type(model).__name__}")
-    for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("warmup_epochs", warmup_epochs, 0),
-                             ("checkpoint_every", checkpoint_every, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    for name, value in (("lr", lr), ("lr_final", lr_final)):
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta!r}")
-    kl = default_kl(model) if kl is None else kl
-    if kl not in KL_ESTIMATORS:
-        raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
-    if kl == "analytic" and not has_analytic_kl(model):
-        raise ValueError(f"kl='analytic' needs a closed-form KL, which the prior {type(model.prior).__name__} does "
-                         "not have; use kl='mc' (or leave kl unset)")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if objective == "iwae":
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"objective='iwae' needs k, the number of importance samples, an integer >= 1; got {k!r}")
-        if beta != 1 or warmup_epochs:
-            raise ValueError("objective='iwae' has no KL weight: beta must be 1 and warmup_epochs 0")
-    elif k is not None:
-        raise ValueError(f"k={k!r} is the IWAE bound's number of samples; pass objective='iwae' with it")
+    _check_model(model)
+    s = _settings(settings, setting_values).for_model(model)
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the run directory to resume)")
     if resume and overwrite:
         raise ValueError("resume=True and overwrite=True contradict each other")
-
-    input_dim = getattr(model, "input_dim", None) or model.encoder.input_dim
-    likelihood = getattr(model.decoder, "likelihood", None)
-    unit = binarize or (isinstance(likelihood, Likelihood) and likelihood.support == "unit-interval")
-    train_x = _as_data(train_x, "train_x", input_dim, model_dtype(model), unit)
-    if test_x is not None:
-        test_x = _as_data(test_x, "test_x", input_dim, model_dtype(model), unit)
-
+    train_x, test_x = _check_data(model, train_x, test_x, s.binarize)
     dev = select_device(device)
     model.to(dev)
     n_train = len(train_x)
-    if resident is None:
-        resident = _fits_on(dev, train_x.element_size() * train_x.numel() * (2 if binarize else 1))
-    data_dev = dev if resident else torch.device("cpu")
-    perm_gen = torch.Generator().manual_seed(seed)
-    try:
-        bin_gen = torch.Generator(device=data_dev).manual_seed(seed + 1)
-    except RuntimeError:  # a backend without its own generators: keep the data on the host and binarise there
-        data_dev, resident = torch.device("cpu"), False
-        bin_gen = torch.Generator().manual_seed(seed + 1)
-    train_data = train_x.to(data_dev)
-    mode = _resolve_fast(fast, dev, resident, optimizer is not None, model)
-    if mode in GRAPH_MODES and n_train < batch_size:
+    train_data, data_dev, perm_gen, bin_gen = _place_data(train_x, dev, resident, s)
+    mode = _resolve_fast(fast, dev, data_dev == dev, optimizer is not None, model)
+    if mode in GRAPH_MODES and n_train < s.batch_size:
         mode = "eager" if mode == "graph" else "compile"  # not one full batch to capture
-    if optimizer is not None:
-        opt = optimizer(model.parameters())
-    else:
-        opt = _make_adam(model, lr, mode, scheduled=lr_final is not None)
-
+    opt = optimizer(model.parameters()) if optimizer is not None else _make_adam(
+        model, s.lr, mode, scheduled=s.lr_final is not None)
     config = dict(getattr(model, "config", {}) or {})
-    # What defines the run: resuming with any of these different is refused (vaelib.runs.check_resumable).
-    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_final=lr_final, beta=beta,
-                    warmup_epochs=warmup_epochs, binarize=bool(binarize), seed=seed, kl=kl, objective=objective,
-                    k=k, n_train=n_train, data=data_fingerprint(train_x),
-                    optimizer="adam" if optimizer is None else "custom")
+    recorded = s.recorded(n_train=n_train, data=data_fingerprint(train_x),
+                          optimizer="adam" if optimizer is None else "custom")
     # The run directory is locked from here to the end: one writer per run.
     with RunDirectory(out_dir, resume=resume, overwrite=overwrite) as run, _tf32(bool(tf32)):
-        history: list[dict] = []
-        start_epoch = 0
         ckpt = run.open()
-        if ckpt is not None:
-            check_resumable(ckpt, config, settings)
-            # Before capture: the graph records the addresses of these parameters and optimizer-state tensors.
-            model.load_state_dict(ckpt["model_state"])
-            _load_optimizer_state(opt, ckpt["optimizer_state"])
-            if optimizer is None:
-                _set_lr(opt, lr)  # the lr a resume may lower (check_resumable), not the one saved with Adam's state
-            history = list(ckpt["history"])
-            start_epoch = int(ckpt["epoch"])
-
+        history, start_epoch = _restore(ckpt, model, opt, config, recorded, own_adam=optimizer is None)
         # The buffer the steps read: dynamic binarisation redraws it in place each epoch. It starts as the grey
         # data, so that a capture's warm-up trains on real values. (TF32 is set before capture: the captured
         # kernels keep the math mode they were recorded with.)
-        binarized = train_data.clone() if binarize else train_data
-        # The objective is fixed for the run: bound into the loss, so that every path (eager, graph, compiled)
-        # runs the same one. IWAE's loss is plain tensor code too, so a CUDA graph can capture it.
-        eager_loss = functools.partial(_batch_loss, objective=objective, k=k)
-        loss_fn, compile_timing = _compiled_loss() if mode.endswith("compile") else (_batch_loss, {})
-        loss_fn = functools.partial(loss_fn, objective=objective, k=k)
-        step = functools.partial(train_step, model, opt, loss_fn, kl)
-        graph = None
-        if mode.startswith("graph"):
-            # Before seeding (and before restoring a checkpoint's RNG state): the warm-up draws noise, and the
-            # run's random numbers must not depend on it, so that a resumed run continues exactly.
-            graph, opt = _capture(step, model, opt, binarized, batch_size, dev, explicit=fast in GRAPH_MODES,
-                                  make_eager_opt=lambda: _make_adam(model, lr, "eager"))
-            if graph is None:
-                mode, step = "eager", functools.partial(train_step, model, opt, eager_loss, kl)
-        torch.manual_seed(seed)
+        binarized = train_data.clone() if s.binarize else train_data
+        mode, opt, step, graph, compile_timing = _step_path(mode, model, opt, s, binarized, dev,
+                                                            explicit=fast in GRAPH_MODES)
+        torch.manual_seed(s.seed)
         if ckpt is not None:
             _set_rng_state(ckpt["rng"], dev, perm_gen, bin_gen)
         setup_seconds = {"capture": graph.capture_seconds if graph is not None else 0.0}
@@ -522,72 +438,54 @@ def fit(
             return {
                 "format": CHECKPOINT_FORMAT, "epoch": epoch, "model_state": model.state_dict(),
                 "model_config": config, "optimizer_state": opt.state_dict(),
-                "rng": _rng_state(dev, perm_gen, bin_gen), "history": history, "settings": settings,
+                "rng": _rng_state(dev, perm_gen, bin_gen), "history": history, "settings": recorded,
                 "run_info": run_info or {},
             }
 
         def run_json() -> dict:
-            return {"model_config": config, "settings": settings, "run_info": run_info or {}, "device": str(dev),
+            return {"model_config": config, "settings": recorded, "run_info": run_info or {}, "device": str(dev),
                     "torch": torch.__version__, "fast": mode, "tf32": bool(tf32),
                     "setup_seconds": {**setup_seconds, **compile_timing}}
 
         # A new run's epoch-0 checkpoint: an interrupt in epoch 1 resumes from it.
         run.begin(checkpoint_state(0) if ckpt is None else None, run_json(), history)
         seconds: list[float] = []
-        bar = _progress_bar(progress, start_epoch, epochs)
+        bar = _progress_bar(progress, start_epoch, s.epochs)
         try:
-            for epoch in range(start_epoch + 1, epochs + 1):
+            for epoch in range(start_epoch + 1, s.epochs + 1):
                 good_params = clone_tree(model.state_dict())
-                beta_e = kl_warmup(epoch, warmup_epochs, beta)
-                if lr_final is not None:
-                    lr_e = lr_at_epoch(epoch, epochs, lr, lr_final)  # the schedule's value, not a float32 copy
-                    _set_lr(opt, lr_e)
-                else:
-                    lr_e = float(opt.param_groups[0]["lr"])  # also a custom optimizer's own lr
+                beta_e = kl_warmup(epoch, s.warmup_epochs, s.beta)
+                lr_e = _epoch_lr(opt, s, epoch)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 t0 = time.perf_counter()
                 perm = torch.randperm(n_train, generator=perm_gen).to(data_dev, non_blocking=True)
-                if binarize:
+                if s.binarize:
                     dynamic_binarize(train_data, bin_gen, out=binarized)
                 model.train()
                 if graph is not None:
                     acc, bad = graph.run_epoch(binarized, perm, beta_e)
                 else:
-                    acc, bad = train_epoch(step, opt, binarized, perm, beta_e, batch_size, dev)
+                    acc, bad = train_epoch(step, opt, binarized, perm, beta_e, s.batch_size, dev)
                 acc_host, bad_step = acc.tolist(), int(bad.item())  # the one host sync per epoch
                 seconds.append(time.perf_counter() - t0)
+                diverged = functools.partial(_diverged, model, good_params, run, history, epoch,
+                                             math.ceil(n_train / s.batch_size), lr_e, beta_e)
                 if bad_step >= 0 or not all(math.isfinite(v) for v in acc_host):
-                    model.load_state_dict(good_params)
-                    run.flush()  # the last good epoch, if it was still pending
-                    raise _diverged(epoch, bad_step, math.ceil(n_train / batch_size), lr_e, beta_e, run, history)
-                rec_mean, kl_mean = acc_host[0] / n_train, acc_host[1] / n_train
-                if objective == "iwae":  # the tally's first sum is L_k's
-                    row = {"epoch": epoch, "train_loss": -rec_mean, "train_iwae_bound": rec_mean}
-                else:
-                    row = {"epoch": epoch, "train_loss": -(rec_mean - beta_e * kl_mean), "train_rec": rec_mean,
-                           "train_kl": kl_mean}
+                    raise diverged(bad_step)
+                row = _train_row(epoch, acc_host, n_train, s.objective, beta_e)
                 if test_x is not None:
                     model.eval()
-                    ev = evaluate_elbo(model, test_x, batch_size=eval_batch_size, kl=kl)
+                    ev = evaluate_elbo(model, test_x, batch_size=s.eval_batch_size, kl=s.kl)
                     row.update(test_elbo=ev["elbo"], test_rec=ev["rec"], test_kl=ev["kl"])
                 broken = _nonfinite_after_epoch(model, opt, row)
                 if broken:  # the epoch's last updates diverged though every step's loss was finite
-                    model.load_state_dict(good_params)
-                    run.flush()
-                    raise _diverged(epoch, -1, math.ceil(n_train / batch_size), lr_e, beta_e, run, history, broken)
+                    raise diverged(-1, broken)
                 row.update(beta=beta_e, lr=lr_e, seconds=seconds[-1])
                 history.append(row)
-                if bar is not None:
-                    post = {"loss": f"{row['train_loss']:.2f}"}
-                    if "train_kl" in row:
-                        post["kl"] = f"{kl_mean:.2f}"
-                    if "test_elbo" in row:
-                        post["test_elbo"] = f"{row['test_elbo']:.2f}"
-                    bar.set_postfix(post)
-                    bar.update(1)
+                _show_progress(bar, row)
                 run.end_of_epoch(functools.partial(checkpoint_state, epoch),
-                                 due=epoch % checkpoint_every == 0 or epoch == epochs)
+                                 due=epoch % s.checkpoint_every == 0 or epoch == s.epochs)
                 if callback is not None:
                     callback(row, model)
             if compile_timing:
@@ -595,18 +493,7 @@ def fit(
         except (KeyboardInterrupt, MemoryError, RuntimeError) as stop:  # Ctrl-C (the CLI turns SIGTERM into it)
             if not isinstance(stop, KeyboardInterrupt) and not is_out_of_memory(stop):
                 raise
-            saved_epoch = run.flush()
-            if not isinstance(stop, KeyboardInterrupt):  # out of memory: saved alike, resumable with less
-                raise TrainingOutOfMemory(
-                    f"out of memory in epoch {len(history) + 1}; " + (
-                        f"a resumable checkpoint of epoch {saved_epoch} is in {run.checkpoint}" if run.checkpoint
-                        else "nothing saved (no out_dir)"), saved_epoch, run.checkpoint, history) from stop
-            if run.checkpoint is not None:
-                msg = (f"training interrupted during epoch {len(history) + 1}; a resumable checkpoint of epoch "
-                       f"{saved_epoch} is in {run.checkpoint}; continue with resume=True (CLI: --resume)")
-            else:
-                msg = f"training interrupted during epoch {len(history) + 1}; nothing saved (no out_dir)"
-            raise TrainingInterrupted(msg, saved_epoch, run.checkpoint, history) from None
+            raise _stopped(stop, run, history) from (None if isinstance(stop, KeyboardInterrupt) else stop)
         finally:
             if bar is not None:
                 bar.close()
@@ -614,6 +501,135 @@ def fit(
     return FitResult(model=model, history=history, device=dev, seconds_per_epoch=seconds, fast=mode,
                      out_dir=run.path, checkpoint=run.checkpoint, resumed_from=start_epoch,
                      setup_seconds={**setup_seconds, **compile_timing}, tf32=bool(tf32))
+
+
+# ------------------------------------------------------------------------------------------------ fit's parts
+def _settings(settings: TrainSettings | None, values: dict) -> TrainSettings:
+    """The run's settings: ``settings``, or built from fit's setting keywords (not both)."""
+    unknown = [name for name in values if name not in TrainSettings.names()]
+    if unknown:
+        raise TypeError(f"fit() got an unexpected keyword argument {unknown[0]!r}")
+    if settings is None:
+        return TrainSettings(**values)
+    if not isinstance(settings, TrainSettings):
+        raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+    if values:
+        raise TypeError(f"fit() got settings and the setting keywords {', '.join(values)}: give one or the other "
+                        "(settings.replace(...) makes a changed copy)")
+    return settings
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module) or not hasattr(model, "encoder") or not hasattr(model, "decoder"):
+        raise TypeError(f"model must be a VAE-like nn.Module with .encoder/.decoder/.prior, got {type(model).__name__}")
+
+
+def _check_data(model: nn.Module, train_x, test_x, binarize: bool) -> tuple[Tensor, Tensor | None]:
+    """train_x and test_x as tensors of the model's dtype, checked (shape, finite, [0, 1] where the likelihood or
+    the binarisation needs it)."""
+    input_dim = getattr(model, "input_dim", None) or model.encoder.input_dim
+    likelihood = getattr(model.decoder, "likelihood", None)
+    unit = binarize or (isinstance(likelihood, Likelihood) and likelihood.support == "unit-interval")
+    train_x = _as_data(train_x, "train_x", input_dim, model_dtype(model), unit)
+    if test_x is not None:
+        test_x = _as_data(test_x, "test_x", input_dim, model_dtype(model), unit)
+    return train_x, test_x
+
+
+def _place_data(train_x: Tensor, dev: torch.device, resident: bool | None,
+                s: TrainSettings) -> tuple[Tensor, torch.device, torch.Generator, torch.Generator]:
+    """The training data where the steps read them and that device (``dev`` when resident, which by default they
+    are when they fit), and the generators of the data permutation and the binarisation, seeded."""
+    if resident is None:
+        resident = _fits_on(dev, train_x.element_size() * train_x.numel() * (2 if s.binarize else 1))
+    data_dev = dev if resident else torch.device("cpu")
+    perm_gen = torch.Generator().manual_seed(s.seed)
+    try:
+        bin_gen = torch.Generator(device=data_dev).manual_seed(s.seed + 1)
+    except RuntimeError:  # a backend without its own generators: keep the data on the host and binarise there
+        data_dev = torch.device("cpu")
+        bin_gen = torch.Generator().manual_seed(s.seed + 1)
+    return train_x.to(data_dev), data_dev, perm_gen, bin_gen
+
+
+def _restore(ckpt: dict | None, model: nn.Module, opt: torch.optim.Optimizer, config: dict, recorded: dict,
+             own_adam: bool) -> tuple[list[dict], int]:
+    """A resumed run's history and epoch, after checking that it is the same run and loading its model and
+    optimizer states; ([], 0) for a new run."""
+    if ckpt is None:
+        return [], 0
+    check_resumable(ckpt, config, recorded)
+    # Before capture: the graph records the addresses of these parameters and optimizer-state tensors.
+    model.load_state_dict(ckpt["model_state"])
+    _load_optimizer_state(opt, ckpt["optimizer_state"])
+    if own_adam:
+        _set_lr(opt, recorded["lr"])  # the lr a resume may lower (check_resumable), not the one saved with Adam's
+    return list(ckpt["history"]), int(ckpt["epoch"])
+
+
+def _step_path(mode: str, model: nn.Module, opt: torch.optim.Optimizer, s: TrainSettings, data: Tensor,
+               dev: torch.device, explicit: bool):
+    """The training step for ``mode``: (mode, opt, step, graph, compile_timing). The objective is fixed for the run:
+    bound into the loss, so that every path (eager, graph, compiled) runs the same one. IWAE's loss is plain tensor
+    code too, so a CUDA graph can capture it. A failed capture falls back to eager (mode "eager", graph None)."""
+    eager_loss = functools.partial(_batch_loss, objective=s.objective, k=s.k)
+    loss_fn, compile_timing = _compiled_loss() if mode.endswith("compile") else (_batch_loss, {})
+    loss_fn = functools.partial(loss_fn, objective=s.objective, k=s.k)
+    step = functools.partial(train_step, model, opt, loss_fn, s.kl)
+    graph = None
+    if mode.startswith("graph"):
+        # Before seeding (and before restoring a checkpoint's RNG state): the warm-up draws noise, and the
+        # run's random numbers must not depend on it, so that a resumed run continues exactly.
+        graph, opt = _capture(step, model, opt, data, s.batch_size, dev, explicit=explicit,
+                              make_eager_opt=lambda: _make_adam(model, s.lr, "eager"))
+        if graph is None:
+            mode, step = "eager", functools.partial(train_step, model, opt, eager_loss, s.kl)
+    return mode, opt, step, graph, compile_timing
+
+
+def _epoch_lr(opt: torch.optim.Optimizer, s: TrainSettings, epoch: int) -> float:
+    """Set the schedule's lr for ``epoch`` (with lr_final), and return the lr the epoch trains with."""
+    if s.lr_final is None:
+        return float(opt.param_groups[0]["lr"])  # also a custom optimizer's own lr
+    lr = lr_at_epoch(epoch, s.epochs, s.lr, s.lr_final)  # the schedule's value, not a float32 copy
+    _set_lr(opt, lr)
+    return lr
+
+
+def _train_row(epoch: int, sums: list[float], n_train: int, objective: str, beta: float) -> dict:
+    """An epoch's history row from the tally's two sums."""
+    rec_mean, kl_mean = sums[0] / n_train, sums[1] / n_train
+    if objective == "iwae":  # the tally's first sum is L_k's
+        return {"epoch": epoch, "train_loss": -rec_mean, "train_iwae_bound": rec_mean}
+    return {"epoch": epoch, "train_loss": -(rec_mean - beta * kl_mean), "train_rec": rec_mean, "train_kl": kl_mean}
+
+
+def _show_progress(bar, row: dict) -> None:
+    if bar is None:
+        return
+    post = {"loss": f"{row['train_loss']:.2f}"}
+    if "train_kl" in row:
+        post["kl"] = f"{row['train_kl']:.2f}"
+    if "test_elbo" in row:
+        post["test_elbo"] = f"{row['test_elbo']:.2f}"
+    bar.set_postfix(post)
+    bar.update(1)
+
+
+def _stopped(stop: BaseException, run: RunDirectory, history: list[dict]) -> BaseException:
+    """After Ctrl-C (or SIGTERM) or out of memory: the pending epoch saved, the error that says where it is."""
+    saved_epoch = run.flush()
+    if not isinstance(stop, KeyboardInterrupt):  # out of memory: saved alike, resumable with less
+        return TrainingOutOfMemory(
+            f"out of memory in epoch {len(history) + 1}; " + (
+                f"a resumable checkpoint of epoch {saved_epoch} is in {run.checkpoint}" if run.checkpoint
+                else "nothing saved (no out_dir)"), saved_epoch, run.checkpoint, history)
+    if run.checkpoint is not None:
+        msg = (f"training interrupted during epoch {len(history) + 1}; a resumable checkpoint of epoch "
+               f"{saved_epoch} is in {run.checkpoint}; continue with resume=True (CLI: --resume)")
+    else:
+        msg = f"training interrupted during epoch {len(history) + 1}; nothing saved (no out_dir)"
+    return TrainingInterrupted(msg, saved_epoch, run.checkpoint, history)
 
 
 def _nonfinite_after_epoch(model: nn.Module, opt: torch.optim.Optimizer, row: dict) -> str:
@@ -645,11 +661,14 @@ def _fit_job(job: dict) -> dict:
     bytes (tensors pickled back through torch's shared-memory handles would need the exiting worker alive)."""
     train_x, test_x, common = _SHARED
     torch.set_num_threads(1)
-    settings = {**common, **{k: v for k, v in job.items() if k not in ("model", "init_seed")}}
+    kwargs = {**common, **{k: v for k, v in job.items() if k not in ("model", "init_seed")}}
     try:
+        if kwargs.get("settings") is not None:  # a job's setting keywords change the common settings
+            changes = {name: kwargs.pop(name) for name in TrainSettings.names() if name in kwargs}
+            kwargs["settings"] = kwargs["settings"].replace(**changes)
         torch.manual_seed(job.get("init_seed", 0))
         model = build_vae(**job.get("model", {}))
-        result = fit(model, train_x, test_x, device="cpu", progress=False, **settings)
+        result = fit(model, train_x, test_x, device="cpu", progress=False, **kwargs)
     except Exception as err:  # exceptions with their own constructors do not all survive pickling: send the text
         return {"error": f"{type(err).__name__}: {err}"}
     state = io.BytesIO()
@@ -666,7 +685,8 @@ def fit_many(jobs: list[dict], train_x: Tensor, test_x: Tensor | None = None, *,
 
     jobs: one dict per model: ``model`` (:func:`vaelib.models.build_vae`'s arguments), ``init_seed`` (the seed
       its initial weights are drawn with, default 0) and any of :func:`fit`'s keyword arguments, which override
-      those given here in ``common`` (e.g. ``[{"beta": b} for b in betas]`` with ``epochs=20``). A job with an
+      those given here in ``common`` (e.g. ``[{"beta": b} for b in betas]`` with ``epochs=20``; with
+      ``settings=TrainSettings(epochs=20)`` in common, a job's setting keywords replace its fields). A job with an
       ``out_dir`` writes its run there as fit does.
     processes: worker processes (default: one per CPU core this process may use, at most one per job); 1 trains
       the jobs one after the other in this process.
@@ -683,7 +703,6 @@ def fit_many(jobs: list[dict], train_x: Tensor, test_x: Tensor | None = None, *,
     processes = min(len(jobs), processes or cores)
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-    common = {"epochs": 10, **common}
     threads = torch.get_num_threads()
     _share(train_x, test_x, common)
     try:
@@ -717,8 +736,12 @@ def fit_many(jobs: list[dict], train_x: Tensor, test_x: Tensor | None = None, *,
     return results
 
 
-def _diverged(epoch: int, bad_step: int, n_steps: int, lr: float, beta: float, run: RunDirectory,
-              history: list[dict], broken: str = "") -> TrainingDivergedError:
+def _diverged(model: nn.Module, good_params: dict, run: RunDirectory, history: list[dict], epoch: int, n_steps: int,
+              lr: float, beta: float, bad_step: int, broken: str = "") -> TrainingDivergedError:
+    """Restore the model to the end of the last good epoch, save that epoch if it was still pending, and say what
+    diverged where."""
+    model.load_state_dict(good_params)
+    run.flush()
     if broken:
         what = f"the updates of epoch {epoch} left {broken} NaN or infinite"
     else:
@@ -751,6 +774,6 @@ def _progress_bar(progress: bool, start: int, total: int):
     return tqdm(total=total, initial=start, desc="train", unit="epoch")
 
 
-__all__ = ["FAST_MODES", "GRAPH_MODES", "FitResult", "TrainingDivergedError", "TrainingInterrupted",
+__all__ = ["FAST_MODES", "GRAPH_MODES", "FitResult", "TrainSettings", "TrainingDivergedError", "TrainingInterrupted",
            "TrainingOutOfMemory", "fit", "fit_many",
            "graph_safe", "lr_at_epoch", "train_epoch", "train_step"]
