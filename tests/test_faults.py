@@ -288,6 +288,8 @@ def test_debug_adds_the_traceback(monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_while_loading_data_is_one_line(signum, code, monkeypatch, tmp_path):
     def slow_load(*args, **kwargs):
+        if signum == signal.SIGINT:  # as in a terminal: a shell's background job starts with SIGINT ignored
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         os.kill(os.getpid(), signum)
         time.sleep(5)  # the signal arrives in here
         raise AssertionError("the signal did not interrupt")
