@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import toy_images
 
 from vaelib.models import build_vae
 from vaelib.runs import RunMismatchError, load_checkpoint
@@ -18,10 +19,7 @@ DATA = "(160, 784) float32 sha256:f5c793cb653a07de"
 
 @pytest.fixture(scope="module")
 def data():
-    g = torch.Generator().manual_seed(0)
-    protos = torch.rand(4, 784, generator=g)
-    x = (protos[torch.randint(0, 4, (192,), generator=g)] * 0.8 + 0.2 * torch.rand(192, 784, generator=g))
-    return x[:160], x[160:]
+    return toy_images()
 
 
 def tiny():

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import GraphLogicOnCPU
+from helpers import GraphLogicOnCPU, toy_images
 from torch import nn
 
 import vaelib.training as training
@@ -30,10 +30,7 @@ def tiny_model(seed=0, **kw):
 
 @pytest.fixture(scope="module")
 def data():
-    g = torch.Generator().manual_seed(0)
-    protos = torch.rand(4, 784, generator=g)
-    x = (protos[torch.randint(0, 4, (192,), generator=g)] * 0.8 + 0.2 * torch.rand(192, 784, generator=g))
-    return x[:160], x[160:]
+    return toy_images()
 
 
 def without_seconds(history):
