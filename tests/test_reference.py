@@ -221,3 +221,12 @@ def test_every_shipped_file_is_package_data():
                if p.is_file() and not p.name.startswith(".")]
     assert all(any(fnmatch.fnmatch(p, pat) for pat in patterns) for p in shipped), shipped
     assert any(fnmatch.fnmatch("weights/burda/model.safetensors", pat) for pat in patterns)
+
+
+def test_training_a_finished_model_again_changes_nothing(tiny, tmp_path):
+    """`make reference` run again over finished runs re-exports them as they are: the weights and the record of
+    who trained them (run_info's commit and threads) stay."""
+    weights = _train(tmp_path)
+    before = {p.name: p.read_bytes() for p in (weights / "tiny").iterdir()}
+    reference.train_one("tiny", tmp_path / "runs", threads=2, log=lambda line: None, weights_dir=weights)
+    assert {p.name: p.read_bytes() for p in (weights / "tiny").iterdir()} == before

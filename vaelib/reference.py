@@ -265,7 +265,11 @@ def train_one(name: str, runs_dir: str | os.PathLike = RUNS_DIR, threads: int = 
     if resume:
         from vaelib.runs import load_checkpoint
 
-        tracker.resume_at(int(load_checkpoint(run_dir / CHECKPOINT_NAME)["epoch"]))
+        done = int(load_checkpoint(run_dir / CHECKPOINT_NAME)["epoch"])
+        if done >= s.epochs:  # finished: export only (a resume would record this call's commit as the trainer's)
+            export(name, runs_dir, weights_dir)
+            return {"name": name, "epochs": done, "seconds": 0.0}
+        tracker.resume_at(done)
     t0 = time.perf_counter()
     result = fit(model, data["train"], data["valid"], epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
                  lr_final=s.lr_final, beta=s.beta, warmup_epochs=s.warmup_epochs, binarize=s.data == "binarized",
