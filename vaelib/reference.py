@@ -23,7 +23,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,14 +188,6 @@ def converged(losses: list[float]) -> bool:
     return gain is not None and gain < PLATEAU_NATS
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
     """The model's tensors as safetensors (atomically: a crash leaves the old file or the new one)."""
     from safetensors.torch import save
@@ -214,7 +205,6 @@ class _Tracker:
     def __init__(self, s: ReferenceSpec, run_dir: Path, valid: Tensor, log):
         self.spec, self.dir, self.valid, self.log = s, run_dir, valid, log
         self.rows = _read_valid(run_dir)
-        self.t0 = time.perf_counter()
 
     def resume_at(self, epoch: int) -> None:
         """Forget rows of epochs after the checkpoint (a crash between the two writes)."""
@@ -391,7 +381,9 @@ def load(name: str, device: str | torch.device | None = None, weights_dir: Path 
         raise ReferenceError(f"reference model {name!r}: {folder / MODEL_FILE} is corrupt (SHA-256 {digest[:12]}..., "
                              f"the registry records {str(entry.get('sha256'))[:12]}...); {_regenerate(name)} or "
                              "restore the file from the repository")
-    stored = info(name, weights_dir)
+    from vaelib.runs import read_run_json
+
+    stored = read_run_json(folder / RUN_FILE)
     model = build_vae(**s.model)
     expected = {**_plain(model.config)}
     if _plain(stored.get("model_config")) != expected:
@@ -423,8 +415,10 @@ NLL_K, N_NLL_IMAGES = 5000, 1000
 
 
 def _mean_se(values: Tensor) -> tuple[float, float]:
+    from vaelib.evaluation import _se
+
     v = values.double()
-    return v.mean().item(), (v.std() / math.sqrt(len(v))).item()
+    return v.mean().item(), _se(v)
 
 
 def evaluate(name: str, weights_dir: Path | None = None, data_root=None, n_nll: int = N_NLL_IMAGES,
@@ -530,7 +524,3 @@ def _cost(name: str) -> float:
     s = REFERENCES[name]
     per_epoch = (s.k or 1) * 0.5 + 0.5 if s.objective == "iwae" else 1.0
     return s.epochs * per_epoch
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use python -m vaelib reference")
