@@ -450,6 +450,54 @@ def test_tf32_flags_are_set_for_the_run_and_restored(data):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+flushes_subnormals = pytest.mark.skipif(not torch.set_flush_denormal(False),
+                                        reason="this CPU cannot flush subnormal floats to zero")
+
+
+def _flushed_share(threads: int) -> float:
+    """The share of a large product of subnormals that comes out zero, read from its bits (a float comparison
+    would itself count a subnormal as zero on a flushing thread): torch splits it across ``threads``."""
+    torch.set_num_threads(threads)
+    subnormal = torch.full((1 << 22,), 1000, dtype=torch.int32).view(torch.float32)  # 1.4e-42, made from bits
+    product = subnormal * 1.0
+    return (product.view(torch.int32) == 0).float().mean().item()
+
+
+@flushes_subnormals
+def test_flush_denormals_reaches_every_intra_op_thread_and_restores_the_mode():
+    """torch.set_flush_denormal sets only the calling thread's flag: with two threads, half of a large product
+    would still be subnormal (tried: 0.5). The block flushes all of it, and leaves the mode as it found it."""
+    from vaelib.config import flush_denormals
+
+    saved = torch.get_num_threads()
+    try:
+        assert _flushed_share(2) == 0.0
+        with flush_denormals():
+            assert _flushed_share(2) == 1.0
+            assert _flushed_share(1) == 1.0
+        assert _flushed_share(2) == 0.0
+        with flush_denormals(enabled=False):
+            assert _flushed_share(2) == 0.0
+        torch.set_flush_denormal(True)  # already on (on this thread): left on
+        with flush_denormals():
+            pass
+        assert _flushed_share(1) == 1.0
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(saved)
+
+
+@flushes_subnormals
+def test_fit_flushes_subnormals_on_the_cpu_while_it_trains(data):
+    from vaelib.config import _flushing_denormals
+
+    seen = []
+    fit(tiny_model(), data[0], epochs=1, batch_size=32, progress=False, device="cpu",
+        callback=lambda row, model: seen.append(_flushing_denormals()))
+    assert seen == [True]
+    assert not _flushing_denormals()
+
+
 def test_compiled_loss_has_its_own_cache_per_fit(monkeypatch, data):
     """With one compilation allowed per code object, two fits with other batch shapes both compile: each fit
     compiles its own copy of the loss (a shared module-level function would hit the limit in the second)."""

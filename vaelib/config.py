@@ -1,9 +1,14 @@
-"""Run-wide switches: quick mode, device selection, where a model lives, and the CPU thread count."""
+"""Run-wide switches: quick mode, device selection, where a model lives, the CPU thread count and the CPU's
+handling of subnormal floats."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -108,6 +113,63 @@ def set_cpu_threads(device: torch.device | str | None = None, threads: int | Non
             raise ValueError(f"the thread count must be >= 1, got {chosen}")
         torch.set_num_threads(chosen)
     return torch.get_num_threads()
+
+
+def _flushing_denormals() -> bool:
+    """Whether the calling thread flushes subnormal floats to zero: 1e-39 (float32's subnormal range) times one."""
+    return (torch.full((1,), 1e-39) * 1.0).item() == 0.0
+
+
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime that torch's CPU ops run on, if it exposes ``GOMP_parallel`` (libgomp on Linux; LLVM's
+    libomp, macOS's, exports it too), else None."""
+    candidates = []
+    with contextlib.suppress(OSError):  # Linux: the libraries this process has mapped
+        with open("/proc/self/maps") as maps:
+            candidates += sorted({line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]})
+    candidates += sorted(str(p) for p in Path(torch.__file__).parent.joinpath("lib").glob("lib*omp*"))
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            lib = ctypes.CDLL(path)
+            if hasattr(lib, "GOMP_parallel"):
+                return lib
+    return None
+
+
+def _set_flush_denormal_everywhere(on: bool, threads: int) -> None:
+    """Flush subnormals (FTZ/DAZ) or not, on the calling thread and on ``threads`` intra-op threads: the mode is
+    a per-thread CPU flag, and torch.set_flush_denormal sets only the caller's, so it runs once more inside an
+    OpenMP parallel region of that many threads. Threads created later copy their creator's flag."""
+    torch.set_flush_denormal(on)
+    runtime = _openmp_runtime() if threads > 1 else None
+    if runtime is None:
+        return
+    each_thread = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: torch.set_flush_denormal(on))
+    runtime.GOMP_parallel(each_thread, None, ctypes.c_uint(threads), ctypes.c_uint(0))
+
+
+@contextlib.contextmanager
+def flush_denormals(enabled: bool = True) -> Iterator[None]:
+    """Within the block, subnormal float32/float64 results and inputs count as zero on the CPU, on every intra-op
+    thread; the previous mode is restored after.
+
+    Why: a number below the smallest normal float (1.2e-38 in float32) takes a slow path in the CPU's arithmetic,
+    some 100 times slower per operation. Training meets them in Adam: a parameter whose gradient stays zero (a
+    dead ReLU unit, a pixel that is never on) has a first moment that shrinks by 0.9 per step, through the
+    subnormal range after ~800 steps. At epoch 5 of the 784-400-20 VAE, 44 % of the first layer's moments were
+    subnormal and the fused Adam step took 1.24 ms instead of 0.34 ms (torch.profiler, 2 threads), a quarter of
+    the epoch. Their contribution to an update is below 1e-30, far under a float32 parameter's rounding.
+    """
+    if not enabled:
+        yield
+        return
+    before, threads = _flushing_denormals(), torch.get_num_threads()
+    _set_flush_denormal_everywhere(True, threads)
+    try:
+        yield
+    finally:
+        if not before:  # every thread the block may have used: those at entry, and any added since
+            _set_flush_denormal_everywhere(False, max(threads, torch.get_num_threads()))
 
 
 def model_device(module: nn.Module) -> torch.device:

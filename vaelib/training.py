@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vaelib.config import model_dtype, select_device
+from vaelib.config import flush_denormals, model_dtype, select_device
 from vaelib.cuda_graph import GraphStepper
 from vaelib.data import dynamic_binarize
 from vaelib.errors import VaelibError, is_out_of_memory
@@ -394,7 +394,8 @@ def fit(
     callback: optional ``callback(row, model)`` called after each epoch with its history row.
     tf32: TF32 for float32 matmuls and cuDNN convolutions on CUDA, the same on every path (default off: float32
       throughout, so the paths and the CPU agree to float32 rounding; on for ~15 % more speed on the graph path).
-      Both flags are restored when fit returns or raises.
+      Both flags are restored when fit returns or raises. On the CPU, fit flushes subnormal floats to zero
+      (:func:`vaelib.config.flush_denormals`: Adam's decaying moments would otherwise slow its steps), restored too.
     Raises TrainingDivergedError on a NaN/inf loss, or when an epoch leaves NaN/inf parameters, Adam moments or
     test ELBO (the model is restored to the last good epoch, and nothing non-finite is saved; resume=True may then
     continue with a smaller lr), TrainingInterrupted (a KeyboardInterrupt) on Ctrl-C and TrainingOutOfMemory when
@@ -420,7 +421,9 @@ def fit(
     recorded = s.recorded(n_train=n_train, data=data_fingerprint(train_x),
                           optimizer="adam" if optimizer is None else "custom")
     # The run directory is locked from here to the end: one writer per run.
-    with RunDirectory(out_dir, resume=resume, overwrite=overwrite) as run, _tf32(bool(tf32)):
+    # On the CPU, subnormal floats count as zero while fit trains (vaelib.config.flush_denormals says why).
+    with (RunDirectory(out_dir, resume=resume, overwrite=overwrite) as run, _tf32(bool(tf32)),
+          flush_denormals(dev.type == "cpu")):
         ckpt = run.open()
         history, start_epoch = _restore(ckpt, model, opt, config, recorded, own_adam=optimizer is None)
         # The buffer the steps read: dynamic binarisation redraws it in place each epoch. It starts as the grey
