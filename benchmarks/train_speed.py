@@ -6,12 +6,16 @@ dynamically (default) or statically binarised. One precision for every trainer: 
 turns it on for all). Each effect is a trainer of its own, so that it is visible on its own:
 
   dataloader_loop        TensorDataset + DataLoader (pinned memory on CUDA), batches copied to the device
+  dataloader_loop_flushed  the same loop with subnormal floats flushed to zero, as fit does on the CPU
+                         (vaelib.config.flush_denormals): how much of fit's lead that alone gives (CPU only)
   vaelib_eager           fit(fast="eager"): data resident on the device, one host sync per epoch
   vaelib_graph           fit(fast="graph"): each step one CUDA-graph replay (CUDA only)
   vaelib_graph_compile   fit(fast="graph-compile"): the same with the loss through torch.compile (CUDA only)
   matmul_ceiling         the matrix products of an epoch alone (forward, weight and input gradients of every
                          linear layer, none for the first layer's input), on preallocated tensors: the time no
                          trainer can beat at this batch size and thread count
+  adam_step              fit's fused Adam step alone, as many per epoch as the trainers take: with the ceiling,
+                         the floor of any trainer that updates with Adam in float32 ("ceiling_plus_adam")
 
 Per trainer: seconds per epoch (median of the timed epochs, after one warm-up epoch), the ratios to the ceiling and
 to the DataLoader loop, the setup seconds (graph capture, compilation) and the final test -ELBO. Load from other
@@ -48,7 +52,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from vaelib.config import select_device
+from vaelib.ais import ais_log_likelihood
+from vaelib.config import flush_denormals, select_device
 from vaelib.data import dynamic_binarize, load_split
 from vaelib.evaluation import evaluate_elbo, iwae_bounds, iwae_nll
 from vaelib.models import build_vae
@@ -59,6 +64,8 @@ from vaelib.training import fit
 RESULTS = Path(__file__).resolve().parent / "results"
 #: vaelib's trainers and the fit(fast=...) each one times; the graph ones need CUDA.
 VAELIB_TRAINERS = {"vaelib_eager": "eager", "vaelib_graph": "graph", "vaelib_graph_compile": "graph-compile"}
+#: What is timed like a trainer but trains nothing: the parts of a step that bound every trainer from below.
+PARTS = ("matmul_ceiling", "adam_step")
 
 
 def device_name(device: torch.device) -> str:
@@ -144,6 +151,26 @@ def matmul_epochs(shapes, n_train: int, batch_size: int, device):
         yield None, time.perf_counter() - t0, "matrix products only", {}
 
 
+def adam_epochs(n_train: int, batch_size: int, device):
+    """fit's Adam step alone (vaelib's fused Adam on the benchmark model's parameters, with fixed gradients of a
+    trained model's size), one epoch's worth of steps per ``next``; yields like the trainers."""
+    from vaelib.training import _make_adam
+
+    model = new_model(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = _make_adam(model, 1e-3, "eager")
+    steps = -(-n_train // batch_size)
+    opt.step()  # warm-up: the moments are allocated
+    while True:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        sync(device)
+        yield None, time.perf_counter() - t0, "fused Adam step only", {}
+
+
 def iwae_ceiling_seconds(model, images: int, k: int, device, block: int = 4096) -> float:
     """The IWAE ceiling for ``images`` images: the forward products alone (addmm with bias) of the encoder's
     linear layers on the images and of the decoder's on their k latent samples each, ``block`` rows at a time, on
@@ -161,9 +188,27 @@ def iwae_ceiling_seconds(model, images: int, k: int, device, block: int = 4096) 
     return time.perf_counter() - t0
 
 
-def dataloader_epochs(train_x: Tensor, device, batch_size: int, dynamic: bool):
+def ais_ceiling_seconds(model, rows: int, gradients: int, device, block: int = 4096) -> float:
+    """The AIS ceiling: the products of ``gradients`` evaluations of grad_z log p(x, z) on ``rows`` chains at once,
+    each the decoder's forward products (addmm with bias) and its input-gradient products (down to z; AIS takes
+    no parameter gradients), ``block`` rows at a time, on preallocated tensors."""
+    operands = _operands(linear_shapes(model.decoder), min(block, rows), device)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(gradients):
+        for start in range(0, rows, block):
+            n = min(block, rows - start)
+            for x, w, b, _, y, _, _ in operands:
+                torch.addmm(b, x[:n], w.t(), out=y[:n])
+            for x, w, _, g, _, _, dx in operands:
+                torch.mm(g[:n], w, out=dx[:n])
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def dataloader_epochs(train_x: Tensor, device, batch_size: int, dynamic: bool, flush: bool = False):
     """The typical tutorial: TensorDataset + DataLoader(shuffle=True), batches moved to the device, with the Adam
-    that fit uses (fused on CUDA).
+    that fit uses (fused on CUDA); with ``flush``, subnormal floats flushed to zero during each epoch, as in fit.
 
     A generator: each ``next`` trains one epoch and yields (model, seconds, None, setup seconds). Its random numbers
     come from its own saved RNG state, so running other trainers between its epochs does not change its trajectory.
@@ -177,7 +222,7 @@ def dataloader_epochs(train_x: Tensor, device, batch_size: int, dynamic: bool):
         torch.manual_seed(0)
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if devices else None)
     while True:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), flush_denormals(flush):
             torch.set_rng_state(rng[0])
             if devices:
                 torch.cuda.set_rng_state(rng[1], device)
@@ -261,7 +306,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--train-size", type=int, default=None, help="first N training images (a quick look)")
     parser.add_argument("--trainers", default=None,
-                        help="comma-separated subset of dataloader_loop," + ",".join(VAELIB_TRAINERS)
+                        help="comma-separated subset of dataloader_loop,dataloader_loop_flushed," + ",".join(VAELIB_TRAINERS)
                              + " (default: all that the device supports)")
     parser.add_argument("--tf32", action="store_true", help="TF32 on for every trainer (default: off for all)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -271,6 +316,9 @@ def main(argv=None) -> int:
     parser.add_argument("--iwae-images", type=int, default=None,
                         help="IWAE on this many test images, time extrapolated to 10,000 (default: all on a GPU, "
                              "100 on a CPU; 0 skips it)")
+    parser.add_argument("--ais-images", type=int, default=48,
+                        help="AIS (T = 100 temperatures, 16 chains, 10 leapfrog steps, from q, frozen steps) on this "
+                             "many test images, timed against its ceiling (0 skips it)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); on a busy shared CPU, 1 avoids "
                              "threads spinning while waiting for each other")
@@ -286,7 +334,8 @@ def main(argv=None) -> int:
         parser.error("--epochs must be >= 1")
 
     device = select_device(args.device)
-    names = ["dataloader_loop", *(n for n, f in VAELIB_TRAINERS.items() if device.type == "cuda" or f == "eager")]
+    names = ["dataloader_loop", *(["dataloader_loop_flushed"] if device.type == "cpu" else []),
+             *(n for n, f in VAELIB_TRAINERS.items() if device.type == "cuda" or f == "eager")]
     if args.trainers:
         asked = [n.strip() for n in args.trainers.split(",") if n.strip()]
         unknown = [n for n in asked if n not in names]
@@ -308,10 +357,19 @@ def main(argv=None) -> int:
           f"{total} epochs each (first = warm-up); {'interleaved' if interleave else f'{repeats} repeats'}",
           flush=True)
 
-    # runs[name] = one entry per repeat: (model, seconds of each epoch, path, setup seconds); the ceiling takes its
-    # turns like a trainer.
+    # runs[name] = one entry per repeat: (model, seconds of each epoch, path, setup seconds); the ceiling and the
+    # Adam step take their turns like a trainer.
     shapes = linear_shapes(new_model(device))
-    names = [*names, "matmul_ceiling"]
+    names = [*names, *PARTS]
+
+    def epochs_of(name: str):
+        """The epoch generator of a trainer or part that is not a fit (those take a run directory)."""
+        if name.startswith("dataloader_loop"):
+            return dataloader_epochs(train, device, args.batch_size, dynamic, flush=name.endswith("_flushed"))
+        if name == "matmul_ceiling":
+            return matmul_epochs(shapes, len(train), args.batch_size, device)
+        return adam_epochs(len(train), args.batch_size, device)
+
     runs: dict[str, list] = {name: [] for name in names}
     tf32_saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # the loop's; fit sets its own
@@ -320,10 +378,9 @@ def main(argv=None) -> int:
             # One epoch of each trainer in turn (order reversed every other round), so that load from other
             # processes on a shared machine falls on all of them alike instead of on whichever ran at the time.
             with tempfile.TemporaryDirectory() as tmp:
-                gens = {name: dataloader_epochs(train, device, args.batch_size, dynamic) if name == "dataloader_loop"
-                        else matmul_epochs(shapes, len(train), args.batch_size, device) if name == "matmul_ceiling"
-                        else vaelib_epochs(train, device, args.batch_size, dynamic, VAELIB_TRAINERS[name],
-                                           Path(tmp) / name, tf32=args.tf32) for name in names}
+                gens = {name: vaelib_epochs(train, device, args.batch_size, dynamic, VAELIB_TRAINERS[name],
+                                            Path(tmp) / name, tf32=args.tf32) if name in VAELIB_TRAINERS
+                        else epochs_of(name) for name in names}
                 seconds = {name: [] for name in names}
                 last = {}
                 for epoch in range(total):
@@ -336,9 +393,8 @@ def main(argv=None) -> int:
         else:
             for r in range(repeats):
                 for name in (names if r % 2 == 0 else names[::-1]):
-                    if name in ("dataloader_loop", "matmul_ceiling"):
-                        loop = (dataloader_epochs(train, device, args.batch_size, dynamic) if name == "dataloader_loop"
-                                else matmul_epochs(shapes, len(train), args.batch_size, device))
+                    if name not in VAELIB_TRAINERS:
+                        loop = epochs_of(name)
                         epochs = [next(loop) for _ in range(total)]
                         runs[name].append((epochs[-1][0], [s for _, s, _, _ in epochs], epochs[-1][2], {}))
                     else:
@@ -361,7 +417,14 @@ def main(argv=None) -> int:
               f"{rows[name]['setup_seconds'][0]}", flush=True)
     rows["matmul_ceiling"]["products"] = ("per step and linear layer: forward (addmm), weight gradient, input "
                                           "gradient (not the first layer's); " + str(shapes))
-    for ref, key in (("dataloader_loop", "dataloader"), ("matmul_ceiling", "ceiling")):
+    # The floor of an Adam trainer in float32: the products and the update, with nothing else.
+    floor = [[a + b for a, b in zip(*(rows[p]["epoch_seconds"][r] for p in PARTS), strict=True)]
+             for r in range(len(rows["adam_step"]["epoch_seconds"]))]
+    rows["ceiling_plus_adam"] = {"path": "matmul_ceiling + adam_step, epoch by epoch",
+                                 "seconds_per_epoch": statistics.median(s for secs in floor for s in secs[1:]),
+                                 "epoch_seconds": floor, "setup_seconds": [{}], "test_neg_elbo": None}
+    for ref, key in (("dataloader_loop", "dataloader"), ("matmul_ceiling", "ceiling"),
+                     ("ceiling_plus_adam", "ceiling_plus_adam")):
         base = rows[ref]["seconds_per_epoch"]
         for row in rows.values():
             row[f"ratio_to_{key}"] = row["seconds_per_epoch"] / base
@@ -378,7 +441,7 @@ def main(argv=None) -> int:
     n_iwae = args.iwae_images if args.iwae_images is not None else (len(test) if device.type == "cuda" else 100)
     n_iwae = min(n_iwae, len(test))
     if n_iwae > 0:
-        eval_model = runs["vaelib_eager"][-1][0] if "vaelib_eager" in runs else runs[names[-1]][-1][0]
+        eval_model = next(runs[n][-1][0] for n in ("vaelib_eager", *reversed(names)) if n in runs and runs[n][-1][0])
         torch.manual_seed(0)
         iwae_nll(eval_model, test[:8], k=64)  # warm-up (allocator, kernels)
         iwae_ceiling_seconds(eval_model, 8, 64, device)
@@ -409,17 +472,49 @@ def main(argv=None) -> int:
               f"{iwae['seconds_for_10000_images']:.1f} s for 10,000 ({label}); NLL {nll:.2f} nats; "
               f"{iwae['ratio_to_ceiling']:.2f}x its ceiling ({ceiling:.2f} s)", flush=True)
 
-    print("\n| trainer | path | s/epoch | ratio to the ceiling | ratio to DataLoader | setup s | test -ELBO |\n"
-          "|---|---|---|---|---|---|---|")
+    ais = None
+    if args.ais_images > 0:
+        eval_model = next(runs[n][-1][0] for n in ("vaelib_eager", *reversed(names)) if n in runs and runs[n][-1][0])
+        n_steps, chains, leapfrog = 100, 16, 10
+        # The transitions' gradients: n_leapfrog per intermediate temperature, all chains of all images at once.
+        gradients, chain_rows = (n_steps - 1) * leapfrog, chains * min(args.ais_images, len(test))
+        ais_log_likelihood(eval_model, test[:4], n_steps=3, n_chains=4, target_acceptance=None)  # warm-up
+        secs = ceiling = 0.0
+        for turn in range(2):
+            for what in (("ais", "ceiling") if turn % 2 == 0 else ("ceiling", "ais")):
+                if what == "ceiling":
+                    ceiling += ais_ceiling_seconds(eval_model, chain_rows, gradients, device)
+                    continue
+                sync(device)
+                t0 = time.perf_counter()
+                result = ais_log_likelihood(eval_model, test[:args.ais_images], n_steps=n_steps, n_chains=chains,
+                                            n_leapfrog=leapfrog, step_size=0.05, target_acceptance=None,
+                                            seed=turn)
+                sync(device)
+                secs += time.perf_counter() - t0
+        scale = len(test) / min(args.ais_images, len(test)) / 2  # two turns
+        ais = {"images": min(args.ais_images, len(test)), "turns": 2, "n_steps": n_steps, "n_chains": chains,
+               "n_leapfrog": leapfrog, "start": "encoder", "step_size": "0.05, frozen", "seconds": secs,
+               "log_px_mean_last_turn": result.log_px.mean().item(), "seconds_for_10000_images": secs * scale,
+               "extrapolated": True, "ceiling_seconds": ceiling, "ratio_to_ceiling": secs / ceiling,
+               "ceiling": "per gradient of log p(x, z) in z, (T - 1) x n_leapfrog of them: the decoder's forward "
+                          "products (addmm) and input-gradient products on all chains at once, 4096 rows at a time"}
+        print(f"  AIS T={n_steps}, {chains} chains, {leapfrog} leapfrog: {secs:.2f} s for {ais['images']} images x 2 "
+              f"-> {ais['seconds_for_10000_images']:.0f} s for 10,000 (extrapolated); "
+              f"{ais['ratio_to_ceiling']:.2f}x its ceiling ({ceiling:.2f} s)", flush=True)
+
+    print("\n| trainer | path | s/epoch | ratio to the ceiling | to the ceiling plus Adam | ratio to DataLoader | "
+          "setup s | test -ELBO |\n|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         setup = sum(row["setup_seconds"][0].values())
         elbo_txt = "" if row["test_neg_elbo"] is None else f"{row['test_neg_elbo']:.2f}"
         print(f"| {name} | {row['path']} | {row['seconds_per_epoch']:.3f} | {row['ratio_to_ceiling']:.2f} | "
-              f"{row['ratio_to_dataloader']:.2f} | {setup:.1f} | {elbo_txt} |")
+              f"{row['ratio_to_ceiling_plus_adam']:.2f} | {row['ratio_to_dataloader']:.2f} | {setup:.1f} | {elbo_txt} |")
     if interleave:
         for name, row in rows.items():
-            if name not in ("dataloader_loop", "matmul_ceiling"):
-                print(f"{name}: median per-round ratio to the ceiling {row['paired_ratio_to_ceiling_median']:.2f}, "
+            if name in VAELIB_TRAINERS or name == "dataloader_loop_flushed":
+                print(f"{name}: median per-round ratio to the ceiling {row['paired_ratio_to_ceiling_median']:.2f} "
+                      f"(to the ceiling plus Adam {row['paired_ratio_to_ceiling_plus_adam_median']:.2f}), "
                       f"to the DataLoader loop {row['paired_ratio_to_dataloader_median']:.2f}; faster than it in "
                       f"{row['rounds_faster_than_dataloader']} of {args.epochs} rounds")
 
@@ -435,7 +530,7 @@ def main(argv=None) -> int:
                      "warmup_epochs": 1, "statistic": "median seconds per timed epoch (all repeats)",
                      "tf32": args.tf32, "threads": torch.get_num_threads(), "interleaved": interleave,
                      "repeats": repeats, "order": "alternated (reversed every other round/repeat)"},
-        "trainers": rows, "iwae": iwae,
+        "trainers": rows, "iwae": iwae, "ais": ais,
     }
     out = Path(args.out) if args.out else RESULTS / result_name(device, started)
     atomic_write(out, lambda fh: fh.write((json.dumps(result, indent=1) + "\n").encode()))

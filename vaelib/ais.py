@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vaelib.config import model_device, model_dtype
+from vaelib.config import flush_denormals, model_device, model_dtype
 
 STARTS = ("prior", "encoder")
 TRANSITIONS = ("hmc", "mala")
@@ -187,7 +187,7 @@ def ais_log_likelihood(model, x: Tensor, *, n_steps: int = 100, n_chains: int = 
     online = target_acceptance if adaptation == "online" else None
     batch_size = batch_size or len(x)
     parts = []
-    with _seeded(x.device, seed):
+    with _seeded(x.device, seed), flush_denormals():  # vaelib.config.flush_denormals says why
         for xb, sb in zip(x.split(batch_size), steps.split(batch_size, dim=1), strict=True):
             if target_acceptance is not None and adaptation == "pilot" and n_steps > 1:  # T = 1: no moves
                 sb = _ais_batch(model, xb, taus, pilot_chains, start, transition, n_leapfrog, sb,
@@ -238,7 +238,7 @@ def bdmc(model, x: Tensor, z: Tensor, *, n_steps: int = 100, n_chains: int = 16,
     steps = forward.step_sizes.flip(0)
     batch_size = batch_size or len(x)
     parts = []
-    with _seeded(x.device, None if seed is None else seed + 1):
+    with _seeded(x.device, None if seed is None else seed + 1), flush_denormals():
         for xb, zb, sb in zip(x.split(batch_size), z.split(batch_size), steps.split(batch_size, dim=1),
                               strict=True):
             part = _ais_batch(model, xb, taus, n_chains, start, transition, n_leapfrog, sb, None,
@@ -327,38 +327,52 @@ def _ais_batch(model, x: Tensor, taus: Tensor, k: int, start: str, transition: s
                 z = model.prior.sample(k * len(x)).reshape(k, len(x), -1).to(x.dtype)
             log_start = model.prior.log_prob
 
-    def log_parts(z: Tensor) -> tuple[Tensor, Tensor]:
-        """(log p(x, z), log pi_0(z)), each (k, batch)."""
-        return model.decoder.log_prob(x, z) + model.prior.log_prob(z), log_start(z)
+    def log_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """log p(x, z) and log pi_0(z), each (k, batch), and their gradients in z: both, so that the annealed
+        density at any tau follows from them without evaluating the decoder again."""
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            log_joint = model.decoder.log_prob(x, z) + model.prior.log_prob(z)
+            log_zero = log_start(z)
+            # With respect to z only: no parameter gradients.
+            (grad_joint,) = torch.autograd.grad(log_joint.sum(), z)
+            (grad_zero,) = torch.autograd.grad(log_zero.sum(), z) if log_zero.requires_grad else (torch.zeros_like(z),)
+        return log_joint.detach(), log_zero.detach(), grad_joint, grad_zero
 
-    def annealed(tau: float) -> LogDensity:
+    def at(tau: float, parts: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """(log f_tau, grad log f_tau) from the parts, f_tau = pi_0^(1 - tau) p(x, .)^tau."""
+        log_joint, log_zero, grad_joint, grad_zero = parts
+        return (1 - tau) * log_zero + tau * log_joint, (1 - tau) * grad_zero + tau * grad_joint
+
+    def annealed(tau: float, last: list) -> LogDensity:
         def log_f(z: Tensor) -> tuple[Tensor, Tensor]:
-            with torch.enable_grad():
-                z = z.detach().requires_grad_(True)
-                log_joint, log_zero = log_parts(z)
-                value = (1 - tau) * log_zero + tau * log_joint
-                (grad,) = torch.autograd.grad(value.sum(), z)  # with respect to z only: no parameter gradients
-            return value.detach(), grad
+            last[:] = [log_parts(z)]  # the transition's last evaluation is at its proposal
+            return at(tau, last[0])
         return log_f
 
     step = steps[0] if len(steps) else None
     used = torch.empty_like(steps)
     log_w = torch.zeros(k, len(x), dtype=torch.float64, device=x.device)
     acceptance = torch.zeros(len(taus) - 2, dtype=torch.float64)
+    # The parts at the chains' current z, carried from one temperature to the next: each transition then costs
+    # its n_leapfrog gradients (one for MALA), not two more evaluations at its start.
+    parts = log_parts(z)
     for t in range(1, len(taus)):
-        with torch.no_grad():
-            log_joint, log_zero = log_parts(z)
-        log_w += _log_weight_increment(taus[t - 1].item(), taus[t].item(), log_joint, log_zero)
+        log_w += _log_weight_increment(taus[t - 1].item(), taus[t].item(), parts[0], parts[1])
         if t == len(taus) - 1:
             break  # the weight is complete; a transition at tau = 1 would not change it
         if target_acceptance is None:
             step = steps[t - 1]
         used[t - 1] = step
-        log_f = annealed(taus[t].item())
+        tau, last = taus[t].item(), []
+        log_f = annealed(tau, last)
         if transition == "hmc":
-            z, accepted, _ = hmc_step(z, log_f, step, n_leapfrog)
+            z, accepted, _ = hmc_step(z, log_f, step, n_leapfrog, current=at(tau, parts))
         else:
-            z, accepted, _ = mala_step(z, log_f, step)
+            z, accepted, _ = mala_step(z, log_f, step, current=at(tau, parts))
+        keep = accepted.bool()
+        parts = tuple(torch.where(keep if new.dim() == keep.dim() else keep.unsqueeze(-1), new, old)
+                      for new, old in zip(last[0], parts, strict=True))
         rate = accepted.mean(0)  # per example, over its chains
         acceptance[t - 1] = rate.mean().item()
         if target_acceptance is not None:

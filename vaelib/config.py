@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import os
 from collections.abc import Iterator
@@ -120,6 +121,7 @@ def _flushing_denormals() -> bool:
     return (torch.full((1,), 1e-39) * 1.0).item() == 0.0
 
 
+@functools.cache
 def _openmp_runtime() -> ctypes.CDLL | None:
     """The OpenMP runtime that torch's CPU ops run on, if it exposes ``GOMP_parallel`` (libgomp on Linux; LLVM's
     libomp, macOS's, exports it too), else None."""
@@ -159,6 +161,10 @@ def flush_denormals(enabled: bool = True) -> Iterator[None]:
     subnormal range after ~800 steps. At epoch 5 of the 784-400-20 VAE, 44 % of the first layer's moments were
     subnormal and the fused Adam step took 1.24 ms instead of 0.34 ms (torch.profiler, 2 threads), a quarter of
     the epoch. Their contribution to an update is below 1e-30, far under a float32 parameter's rounding.
+    Evaluation meets them in a confident Bernoulli decoder: a logit of -100 puts exp(-100) = 3.7e-44 into the
+    log-sigmoid, and IWAE (k = 5000) on the mlp20 reference model ran 1.4 times faster with them flushed. fit (on
+    the CPU), :func:`vaelib.evaluation.iwae_bounds`, :func:`~vaelib.evaluation.evaluate_elbo` and AIS run inside
+    this block; the flag is the CPU's, so it changes nothing on a GPU.
     """
     if not enabled:
         yield

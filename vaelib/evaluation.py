@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vaelib.config import model_device, model_dtype
+from vaelib.config import flush_denormals, model_device, model_dtype
 from vaelib.errors import InvalidInputError
 from vaelib.models import check_input
 from vaelib.objectives import default_chunk, default_kl, default_max_elements, elbo, iwae_bound
@@ -40,9 +40,10 @@ def evaluate_elbo(model, x: Tensor, batch_size: int = 1000, kl: str | None = Non
     form where there is one, Monte Carlo for a prior without one, such as the VampPrior)."""
     kl = default_kl(model) if kl is None else kl
     sums = torch.zeros(3, dtype=torch.float64, device=model_device(model))
-    for xb in _batches(model, x, batch_size):
-        t = elbo(model, xb, kl=kl)
-        sums += torch.stack([t.elbo.sum(), t.rec.sum(), t.kl.sum()]).double()
+    with flush_denormals():  # subnormals count as zero on the CPU (vaelib.config.flush_denormals says why)
+        for xb in _batches(model, x, batch_size):
+            t = elbo(model, xb, kl=kl)
+            sums += torch.stack([t.elbo.sum(), t.rec.sum(), t.kl.sum()]).double()
     means = (sums / max(1, len(x))).tolist()
     return dict(zip(("elbo", "rec", "kl"), means, strict=True))
 
@@ -62,9 +63,10 @@ def iwae_bounds(model, x: Tensor, k: int = 5000, batch_size: int | None = None,
         # Enough examples per batch to keep the device busy, few enough that a chunk holds >= 64 samples.
         batch_size = max(1, min(len(x), max_elements // (64 * model.input_dim), 1000))
     out = []
-    for xb in _batches(model, x, batch_size):
-        chunk = default_chunk(k, len(xb), model.input_dim, max_elements)
-        out.append(iwae_bound(model, xb, k=k, chunk=chunk).double().cpu())
+    with flush_denormals():  # subnormals count as zero on the CPU (vaelib.config.flush_denormals says why)
+        for xb in _batches(model, x, batch_size):
+            chunk = default_chunk(k, len(xb), model.input_dim, max_elements)
+            out.append(iwae_bound(model, xb, k=k, chunk=chunk).double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
