@@ -23,7 +23,9 @@ processes is spread over the trainers: on a CPU they take turns epoch by epoch (
 resumes from its checkpoint for each epoch, which continues bit for bit), elsewhere each trainer trains
 ``--repeats`` times, the order reversed every other repeat. Then the IWAE (k = 5000) negative log-likelihood of
 the test images, timed in turns with its ceiling (the forward products alone); on a CPU ``--iwae-images N``
-evaluates N images and extrapolates both times to 10,000 (labelled as such).
+evaluates N images and extrapolates both times to 10,000 (labelled as such). Then AIS (``--ais-images``, 100
+temperatures, 16 chains from q, 10 leapfrog steps with a frozen step size) in two turns with its ceiling: the
+decoder's forward and input-gradient products of every leapfrog gradient.
 
 The JSON records the git commit, torch/CUDA/driver versions, the flags and the machine's load before and after; it
 is written atomically, under a name with the device, the host and the time (no two machines write the same file).
@@ -200,7 +202,7 @@ def ais_ceiling_seconds(model, rows: int, gradients: int, device, block: int = 4
             n = min(block, rows - start)
             for x, w, b, _, y, _, _ in operands:
                 torch.addmm(b, x[:n], w.t(), out=y[:n])
-            for x, w, _, g, _, _, dx in operands:
+            for _, w, _, g, _, _, dx in operands:
                 torch.mm(g[:n], w, out=dx[:n])
     sync(device)
     return time.perf_counter() - t0
@@ -306,8 +308,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--train-size", type=int, default=None, help="first N training images (a quick look)")
     parser.add_argument("--trainers", default=None,
-                        help="comma-separated subset of dataloader_loop,dataloader_loop_flushed," + ",".join(VAELIB_TRAINERS)
-                             + " (default: all that the device supports)")
+                        help="comma-separated subset of dataloader_loop,dataloader_loop_flushed,"
+                             + ",".join(VAELIB_TRAINERS) + " (default: all that the device supports)")
     parser.add_argument("--tf32", action="store_true", help="TF32 on for every trainer (default: off for all)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="trainings per trainer, the order reversed every other repeat (default: 3 on a GPU; "
@@ -509,7 +511,8 @@ def main(argv=None) -> int:
         setup = sum(row["setup_seconds"][0].values())
         elbo_txt = "" if row["test_neg_elbo"] is None else f"{row['test_neg_elbo']:.2f}"
         print(f"| {name} | {row['path']} | {row['seconds_per_epoch']:.3f} | {row['ratio_to_ceiling']:.2f} | "
-              f"{row['ratio_to_ceiling_plus_adam']:.2f} | {row['ratio_to_dataloader']:.2f} | {setup:.1f} | {elbo_txt} |")
+              f"{row['ratio_to_ceiling_plus_adam']:.2f} | {row['ratio_to_dataloader']:.2f} | {setup:.1f} | "
+              f"{elbo_txt} |")
     if interleave:
         for name, row in rows.items():
             if name in VAELIB_TRAINERS or name == "dataloader_loop_flushed":
