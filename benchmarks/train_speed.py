@@ -299,6 +299,32 @@ def load_average() -> list[float] | None:
         return None
 
 
+def readme_table(paths) -> str:
+    """The README's performance table: one row per result file (CPU runs of this benchmark)."""
+    lines = ["| threads | ceiling, s/epoch | ceiling + Adam | DataLoader loop | loop, subnormals flushed | vaelib `fit` "
+             "| fit's speed-up over the loop | IWAE k=5000, 10,000 images, extrapolated | AIS, 48 images | "
+             "load average |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        rows, iwae, ais = result["trainers"], result.get("iwae"), result.get("ais")
+
+        def cell(name):
+            return f"{rows[name]['seconds_per_epoch']:.2f} s ({rows[name]['ratio_to_ceiling']:.2f}x)"
+        load = result["load_average"]
+        lines.append(
+            f"| {result['settings']['threads']} | {rows['matmul_ceiling']['seconds_per_epoch']:.2f} s | "
+            f"{cell('ceiling_plus_adam')} | {cell('dataloader_loop')} | {cell('dataloader_loop_flushed')} | "
+            f"{cell('vaelib_eager')} | {1 / rows['vaelib_eager']['ratio_to_dataloader']:.2f}x | "
+            + (f"{iwae['seconds_for_10000_images']:.0f} s ({iwae['ratio_to_ceiling']:.2f}x) | " if iwae else "- | ")
+            + (f"{ais['seconds'] / ais['turns']:.1f} s ({ais['ratio_to_ceiling']:.2f}x) | " if ais else "- | ")
+            + f"{load['before'][0]:.2f}-{load['after'][0]:.2f} |")
+    return "\n".join(lines)
+
+
+#: The result files whose figures the README's performance section shows (tests/test_benchmark.py keeps it so).
+README_RESULTS = ("cpu-2threads.json", "cpu-1thread.json")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch (>= 1)")
@@ -329,7 +355,12 @@ def main(argv=None) -> int:
                              "the cores)")
     parser.add_argument("--out", default=None,
                         help="JSON path (default: benchmarks/results/<device>-<host>-<time>.json)")
+    parser.add_argument("--readme-table", action="store_true",
+                        help="print the README's performance table from the committed results, and exit")
     args = parser.parse_args(argv)
+    if args.readme_table:
+        print(readme_table(RESULTS / name for name in README_RESULTS))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.epochs < 1:

@@ -35,3 +35,11 @@ def test_interleaved_trainers_follow_their_own_trajectories(tmp_path):
     assert path == "eager" and seconds > 0 and setup == {"capture": 0.0}
     assert torch.equal(_params(loop_model), _params(loop_alone))
     assert torch.equal(_params(vaelib_model), _params(straight.model))
+
+
+def test_readme_performance_table_is_the_committed_results():
+    """The README's figures are the result files' (regenerate with
+    ``python benchmarks/train_speed.py --readme-table``), not typed."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = train_speed.readme_table(train_speed.RESULTS / name for name in train_speed.README_RESULTS)
+    assert table in readme
