@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -65,10 +66,21 @@ def main(argv=None) -> int:
     for name, row in rows.items():
         print(f"  {name:<32} {row['seconds']:7.1f} s   {row['ratio_to_fit_many']:.2f}x fit_many's time")
     if args.out:
-        Path(args.out).write_text(json.dumps({"jobs": args.jobs, "epochs": args.epochs, "train_images": len(train),
+        Path(args.out).write_text(json.dumps({"cpu": _cpu_name(), "torch": torch.__version__, "jobs": args.jobs, "epochs": args.epochs, "train_images": len(train),
                                               "cores": cores, "load_before": load_before,
                                               "load_after": os.getloadavg(), "ways": rows}, indent=1) + "\n")
     return 0
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _one_after_another(jobs, train, common):

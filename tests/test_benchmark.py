@@ -43,3 +43,12 @@ def test_readme_performance_table_is_the_committed_results():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = train_speed.readme_table(train_speed.RESULTS / name for name in train_speed.README_RESULTS)
     assert table in readme
+
+
+def test_readme_fit_many_figures_are_the_committed_results():
+    import json
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    ways = json.loads((train_speed.RESULTS / "fit-many-cpu-2cores.json").read_text())["ways"]
+    for name in ("one after another, 1 thread", "one after another, 2 threads"):
+        assert f"{ways[name]['ratio_to_fit_many']:.2f}x faster" in readme, name
