@@ -66,9 +66,10 @@ def main(argv=None) -> int:
     for name, row in rows.items():
         print(f"  {name:<32} {row['seconds']:7.1f} s   {row['ratio_to_fit_many']:.2f}x fit_many's time")
     if args.out:
-        Path(args.out).write_text(json.dumps({"cpu": _cpu_name(), "torch": torch.__version__, "jobs": args.jobs, "epochs": args.epochs, "train_images": len(train),
-                                              "cores": cores, "load_before": load_before,
-                                              "load_after": os.getloadavg(), "ways": rows}, indent=1) + "\n")
+        result = {"cpu": _cpu_name(), "torch": torch.__version__, "jobs": args.jobs, "epochs": args.epochs,
+                  "train_images": len(train), "cores": cores, "load_before": load_before,
+                  "load_after": os.getloadavg(), "ways": rows}
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
