@@ -308,7 +308,7 @@ def readme_table(paths) -> str:
         result = json.loads(Path(path).read_text())
         rows, iwae, ais = result["trainers"], result.get("iwae"), result.get("ais")
 
-        def cell(name):
+        def cell(name, rows=rows):
             return f"{rows[name]['seconds_per_epoch']:.2f} s ({rows[name]['ratio_to_ceiling']:.2f}x)"
         load = result["load_average"]
         lines.append(
