@@ -302,8 +302,8 @@ def load_average() -> list[float] | None:
 def readme_table(paths) -> str:
     """The README's performance table: one row per result file (CPU runs of this benchmark)."""
     lines = ["| threads | ceiling, s/epoch | ceiling + Adam | DataLoader loop | loop, subnormals flushed | "
-             "vaelib `fit` | fit's speed-up over the loop | IWAE k=5000, 10,000 images, extrapolated | AIS, 48 images | "
-             "load average |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "vaelib `fit` | fit's speed-up over the loop | IWAE k=5000, 10,000 images, extrapolated | "
+             "AIS, 48 images | load average |", "|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         result = json.loads(Path(path).read_text())
         rows, iwae, ais = result["trainers"], result.get("iwae"), result.get("ais")
