@@ -52,3 +52,31 @@ def test_readme_fit_many_figures_are_the_committed_results():
     ways = json.loads((train_speed.RESULTS / "fit-many-cpu-2cores.json").read_text())["ways"]
     for name in ("one after another, 1 thread", "one after another, 2 threads"):
         assert f"{ways[name]['ratio_to_fit_many']:.2f}x faster" in readme, name
+
+
+def test_step_breakdown_runs_and_writes_its_parts(tmp_path):
+    """A smoke run of benchmarks/step_breakdown.py (two steps, one round): it runs, and times every part."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("step_breakdown", _PATH.parent / "step_breakdown.py")
+    step_breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_breakdown)
+    out = tmp_path / "parts.json"
+    assert step_breakdown.main(["--steps", "2", "--rounds", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ms = result["ms_per_step"]
+    assert set(ms) == {"full_step", "without_adam", "forward_only", "products", "linears_autograd", "adam_step",
+                       "binarisation", "likelihood"}
+    assert all(v > 0 for v in ms.values())
+
+
+def test_readme_step_breakdown_figures_are_the_committed_results():
+    import json
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    result = json.loads((train_speed.RESULTS / "step-breakdown-cpu-2threads.json").read_text())
+    ratios = result["ratios_to_products"]
+    floor = ratios["floor of this work: products + adam_step + binarisation + likelihood"]
+    assert f"add up to {floor:.2f}x the ceiling" in readme
+    assert f"cost {ratios['linears_autograd']:.2f}x" in readme
+    assert f"adds {result['iwae_chunk']['likelihood_over_products']:.2f} of the decoder's products" in readme
