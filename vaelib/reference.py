@@ -52,6 +52,10 @@ class ReferenceError(VaelibError):
     """A reference model that is missing, corrupt, or not the model its spec describes."""
 
 
+#: The fields of a spec that are fit's settings of the same name (the data kind sets ``binarize``).
+_SET_BY_SPEC = ("epochs", "batch_size", "lr", "lr_final", "beta", "warmup_epochs", "seed", "objective", "k")
+
+
 @dataclass(frozen=True)
 class ReferenceSpec:
     """One reference model: how it is built (``model``: :func:`vaelib.models.build_vae` arguments), on what data
@@ -75,11 +79,16 @@ class ReferenceSpec:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    def train_settings(self):
+        """The :class:`vaelib.settings.TrainSettings` the model is trained with (fit's defaults for the rest)."""
+        from vaelib.settings import TrainSettings
+
+        return TrainSettings(binarize=self.data == "binarized", **{name: getattr(self, name) for name in _SET_BY_SPEC})
+
     def fit_settings(self) -> dict:
         """The settings :func:`vaelib.training.fit` records in run.json that the spec fixes."""
-        return dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, lr_final=self.lr_final,
-                    beta=self.beta, warmup_epochs=self.warmup_epochs, binarize=self.data == "binarized",
-                    seed=self.seed, objective=self.objective, k=self.k, n_train=N_TRAIN)
+        settings = self.train_settings()
+        return {**{name: getattr(settings, name) for name in (*_SET_BY_SPEC, "binarize")}, "n_train": N_TRAIN}
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "chapters": list(self.chapters)}
@@ -261,10 +270,8 @@ def train_one(name: str, runs_dir: str | os.PathLike = RUNS_DIR, threads: int = 
             return {"name": name, "epochs": done, "seconds": 0.0}
         tracker.resume_at(done)
     t0 = time.perf_counter()
-    result = fit(model, data["train"], data["valid"], epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
-                 lr_final=s.lr_final, beta=s.beta, warmup_epochs=s.warmup_epochs, binarize=s.data == "binarized",
-                 seed=s.seed, objective=s.objective, k=s.k, device="cpu", out_dir=run_dir, resume=resume,
-                 progress=False, callback=tracker,
+    result = fit(model, data["train"], data["valid"], s.train_settings(), device="cpu", out_dir=run_dir,
+                 resume=resume, progress=False, callback=tracker,
                  run_info={"reference": name, "threads": threads, "commit": _commit()})
     wall = time.perf_counter() - t0
     export(name, runs_dir, weights_dir)
@@ -385,7 +392,7 @@ def load(name: str, device: str | torch.device | None = None, weights_dir: Path 
 
     stored = read_run_json(folder / RUN_FILE)
     model = build_vae(**s.model)
-    expected = {**_plain(model.config)}
+    expected = _plain(model.config)
     if _plain(stored.get("model_config")) != expected:
         raise ReferenceError(f"reference model {name!r}: the stored model {stored.get('model_config')} is not the "
                              f"spec's {expected}; {_regenerate(name)}")
@@ -430,7 +437,7 @@ def evaluate(name: str, weights_dir: Path | None = None, data_root=None, n_nll: 
     from vaelib.runs import write_json
 
     s = spec(name)
-    _, entry = _stored(name, weights_dir)
+    folder, entry = _stored(name, weights_dir)
     previous = test_results(name, weights_dir)
     if previous is not None and previous.get("sha256") == entry["sha256"] and previous.get("nll_n") == n_nll \
             and previous.get("nll_k") == k:
@@ -451,7 +458,6 @@ def evaluate(name: str, weights_dir: Path | None = None, data_root=None, n_nll: 
               "rate": rate_mean, "rate_se": rate_se, "distortion": neg_elbo - rate_mean,
               "nll_k": k, "nll_n": n_nll, "nll": nll_mean, "nll_se": nll_se,
               "seconds": time.perf_counter() - t0, "torch": torch.__version__, "sha256": entry["sha256"]}
-    folder, _ = _stored(name, weights_dir)
     write_json(folder / TEST_FILE, result)
     return result
 
