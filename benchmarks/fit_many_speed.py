@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import cpu_model  # noqa: E402
 
 from vaelib.data import load_split
 from vaelib.training import fit_many
@@ -66,22 +68,11 @@ def main(argv=None) -> int:
     for name, row in rows.items():
         print(f"  {name:<32} {row['seconds']:7.1f} s   {row['ratio_to_fit_many']:.2f}x fit_many's time")
     if args.out:
-        result = {"cpu": _cpu_name(), "torch": torch.__version__, "jobs": args.jobs, "epochs": args.epochs,
+        result = {"cpu": cpu_model(), "torch": torch.__version__, "jobs": args.jobs, "epochs": args.epochs,
                   "train_images": len(train), "cores": cores, "load_before": load_before,
                   "load_after": os.getloadavg(), "ways": rows}
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _one_after_another(jobs, train, common):

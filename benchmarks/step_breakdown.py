@@ -77,11 +77,7 @@ def step_parts(train: torch.Tensor, steps: int, batch_size: int = 128) -> dict:
 
     def products():
         for _ in range(steps):
-            for layer, (x, w, b, g, y, dw, dx) in enumerate(operands):
-                torch.addmm(b, x, w.t(), out=y)
-                torch.mm(g.t(), x, out=dw)
-                if layer:
-                    torch.mm(g, w, out=dx)
+            train_speed.step_products(operands)
 
     def linears_autograd():
         for _ in range(steps):
@@ -120,8 +116,7 @@ def iwae_chunk(train: torch.Tensor, rounds: int) -> dict:
     x = dynamic_binarize(train[:rows], torch.Generator().manual_seed(3))
 
     def products():
-        for a, w, b, _, y, _, _ in operands:
-            torch.addmm(b, a, w.t(), out=y)
+        train_speed.forward_products(operands)
 
     def with_likelihood():
         products()

@@ -70,19 +70,22 @@ VAELIB_TRAINERS = {"vaelib_eager": "eager", "vaelib_graph": "graph", "vaelib_gra
 PARTS = ("matmul_ceiling", "adam_step")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        model = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        return f"CPU {model} ({torch.get_num_threads()} threads)"
+        return f"CPU {cpu_model()} ({torch.get_num_threads()} threads)"
     return device.type
 
 
@@ -126,6 +129,22 @@ def _operands(shapes, rows: int, device, dtype=torch.float32) -> list[tuple[Tens
     return [(new(rows, i), new(o, i), new(o), new(rows, o), new(rows, o), new(o, i), new(rows, i)) for i, o in shapes]
 
 
+def forward_products(operands, rows: int | None = None) -> None:
+    """Each layer's forward product with its bias (addmm, as nn.Linear runs it), on the first ``rows`` rows."""
+    for x, w, b, _, y, _, _ in operands:
+        torch.addmm(b, x[:rows], w.t(), out=y[:rows])
+
+
+def step_products(operands) -> None:
+    """A training step's products: per layer the forward product, the weight gradient and the input gradient (not
+    for the first layer, whose input needs none: autograd skips it too)."""
+    for layer, (x, w, b, g, y, dw, dx) in enumerate(operands):
+        torch.addmm(b, x, w.t(), out=y)
+        torch.mm(g.t(), x, out=dw)
+        if layer:
+            torch.mm(g, w, out=dx)
+
+
 def matmul_epochs(shapes, n_train: int, batch_size: int, device):
     """The training ceiling: the matrix products of one epoch alone, on preallocated tensors, one epoch per
     ``next``: per step and linear layer, the forward product with its bias (addmm, as nn.Linear runs it), the
@@ -135,20 +154,12 @@ def matmul_epochs(shapes, n_train: int, batch_size: int, device):
     {})."""
     sizes = [batch_size] * (n_train // batch_size) + ([n_train % batch_size] if n_train % batch_size else [])
     operands = {rows: _operands(shapes, rows, device) for rows in set(sizes)}
-
-    def step(rows):
-        for layer, (x, w, b, g, y, dw, dx) in enumerate(operands[rows]):
-            torch.addmm(b, x, w.t(), out=y)
-            torch.mm(g.t(), x, out=dw)
-            if layer:
-                torch.mm(g, w, out=dx)
-
-    step(sizes[0])  # warm-up (allocator, the BLAS's buffers)
+    step_products(operands[sizes[0]])  # warm-up (allocator, the BLAS's buffers)
     while True:
         sync(device)
         t0 = time.perf_counter()
         for rows in sizes:
-            step(rows)
+            step_products(operands[rows])
         sync(device)
         yield None, time.perf_counter() - t0, "matrix products only", {}
 
@@ -183,9 +194,7 @@ def iwae_ceiling_seconds(model, images: int, k: int, device, block: int = 4096) 
     t0 = time.perf_counter()
     for shapes, rows in parts:
         for start in range(0, rows, block):
-            n = min(block, rows - start)
-            for x, w, b, _, y, _, _ in operands[id(shapes)]:
-                torch.addmm(b, x[:n], w.t(), out=y[:n])
+            forward_products(operands[id(shapes)], min(block, rows - start))
     sync(device)
     return time.perf_counter() - t0
 
@@ -200,8 +209,7 @@ def ais_ceiling_seconds(model, rows: int, gradients: int, device, block: int = 4
     for _ in range(gradients):
         for start in range(0, rows, block):
             n = min(block, rows - start)
-            for x, w, b, _, y, _, _ in operands:
-                torch.addmm(b, x[:n], w.t(), out=y[:n])
+            forward_products(operands, n)
             for _, w, _, g, _, _, dx in operands:
                 torch.mm(g[:n], w, out=dx[:n])
     sync(device)
@@ -470,11 +478,12 @@ def main(argv=None) -> int:
                 if key == "dataloader":
                     row["rounds_faster_than_dataloader"] = sum(r < 1 for r in paired)
 
+    # IWAE and AIS evaluate vaelib's trained model (else the last trainer's)
+    eval_model = next(runs[n][-1][0] for n in ("vaelib_eager", *reversed(names)) if n in runs and runs[n][-1][0])
     iwae = None
     n_iwae = args.iwae_images if args.iwae_images is not None else (len(test) if device.type == "cuda" else 100)
     n_iwae = min(n_iwae, len(test))
     if n_iwae > 0:
-        eval_model = next(runs[n][-1][0] for n in ("vaelib_eager", *reversed(names)) if n in runs and runs[n][-1][0])
         torch.manual_seed(0)
         iwae_nll(eval_model, test[:8], k=64)  # warm-up (allocator, kernels)
         iwae_ceiling_seconds(eval_model, 8, 64, device)
@@ -507,7 +516,6 @@ def main(argv=None) -> int:
 
     ais = None
     if args.ais_images > 0:
-        eval_model = next(runs[n][-1][0] for n in ("vaelib_eager", *reversed(names)) if n in runs and runs[n][-1][0])
         n_steps, chains, leapfrog = 100, 16, 10
         # The transitions' gradients: n_leapfrog per intermediate temperature, all chains of all images at once.
         gradients, chain_rows = (n_steps - 1) * leapfrog, chains * min(args.ais_images, len(test))
